@@ -332,7 +332,9 @@ def test_concatenated_pretty_printed_objects(tmp_path):
 
 
 def test_array_syntax_error_inside_pretty_object(tmp_path):
-    text = '[\n  {\n    "content": "a",\n    "summary": "b"\n  },\n  {\n    "content": "c",\n    "summary": \n  }\n]\n'
+    lines = ["[", "  {", '    "content": "a",', '    "summary": "b"', "  },", "  {", '    "content": "c",']
+    lines += ['    "summary": ', "  }", "]", ""]
+    text = "\n".join(lines)
     path = write_file(tmp_path, "train.json", text)
 
     error = read_error(path)
