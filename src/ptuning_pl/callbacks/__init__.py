@@ -1,0 +1,5 @@
+"""Callbacks of ptuning-pl; each is built from a `_target_` entry in conf/callbacks/."""
+
+from ptuning_pl.callbacks.resume import ExactResume
+
+__all__ = ["ExactResume"]

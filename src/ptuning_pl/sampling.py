@@ -1,0 +1,101 @@
+"""Batch samplers that shard across ranks themselves (the trainer runs with use_distributed_sampler=False).
+
+`LengthGroupedBatchSampler` shuffles, then sorts by length inside windows of many batches, so each batch holds
+examples of similar length (little padding) while batch order stays random. It can skip the batches of the
+current epoch that a resumed run has already trained on.
+
+`EvalBatchSampler` gives every example to exactly one rank, with no padding copies, in input order within a
+rank, so predictions can be gathered back into input order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Random batches of similar-length examples, the same order on every rank for a given seed and epoch.
+
+    With several ranks, each epoch's batches are dealt out round-robin and the last incomplete round is
+    dropped, so every rank runs the same number of steps.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        window_batches: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.window = batch_size * window_batches
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self._skip_batches = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, epoch: int, count: int) -> None:
+        """Make the iteration over `epoch` start after its first `count` batches (for exact resume)."""
+        self.epoch = epoch
+        self._skip_batches = count
+
+    def _all_batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        count = len(self.lengths)
+        order = torch.randperm(count, generator=generator).tolist() if self.shuffle else list(range(count))
+
+        if self.group_by_length:
+            windows = [order[start : start + self.window] for start in range(0, count, self.window)]
+            order = [i for window in windows for i in sorted(window, key=lambda i: -self.lengths[i])]
+
+        batches = [order[start : start + self.batch_size] for start in range(0, count, self.batch_size)]
+        if self.shuffle and self.group_by_length:
+            permutation = torch.randperm(len(batches), generator=generator).tolist()
+            batches = [batches[i] for i in permutation]
+        return batches
+
+    def _rank_batches(self) -> list[list[int]]:
+        batches = self._all_batches()
+        per_rank = len(batches) // self.num_replicas if self.num_replicas > 1 else len(batches)
+        return batches[self.rank :: self.num_replicas][:per_rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._rank_batches()
+        skip, self._skip_batches = self._skip_batches, 0
+        yield from batches[skip:]
+
+    def __len__(self) -> int:
+        total = math.ceil(len(self.lengths) / self.batch_size)
+        return total // self.num_replicas if self.num_replicas > 1 else total
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """Contiguous, unpadded shards: rank r takes examples r, r + world, r + 2 * world, ... in order."""
+
+    def __init__(self, size: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.indices = list(range(rank, size, num_replicas))
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, len(self.indices), self.batch_size):
+            yield self.indices[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)

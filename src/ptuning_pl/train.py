@@ -1,0 +1,158 @@
+"""`python -m ptuning_pl.train`: P-Tuning v2 training, run by Lightning's Trainer and configured by Hydra.
+
+`train(cfg)` does the work and is what tests and notebooks call; `main` is the thin Hydra shell that returns
+`cfg.optimized_metric` to sweepers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ptuning_pl.backbones import BackboneSpec, load_tokenizer_and_format
+from ptuning_pl.config import ConfigError, check_config, config_dir
+from ptuning_pl.module import PrefixTuningModule
+from ptuning_pl.records import DataFileError, DataFileSpec, validate_files
+from ptuning_pl.run_record import write_run_record
+from ptuning_pl.versions import check_transformers_version
+
+log = logging.getLogger("ptuning_pl.train")
+
+BACKBONE_SPEC_KEYS = ("path", "family", "revision", "dtype", "trust_remote_code", "prompt_format", "gradient_checkpointing")
+
+
+class DataFilesError(ValueError):
+    """Every problem found in the configured data files, one per file."""
+
+    def __init__(self, errors: list[DataFileError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(error) for error in errors))
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def validate_data_files(cfg: DictConfig) -> None:
+    """Read every configured data file once and raise DataFilesError listing each bad file."""
+    data = cfg.data
+    splits = [("train", data.train_file, True), ("validation", data.validation_file, True), ("test", data.test_file, False)]
+    specs = [
+        DataFileSpec(
+            path=path,
+            split_name=split,
+            prompt_column=data.prompt_column,
+            response_column=data.response_column,
+            history_column=data.history_column,
+            require_response=require_response,
+        )
+        for split, path, require_response in splits
+        if path and (split == "train" or cfg.train or cfg.test or split == "test")
+    ]
+    errors = validate_files(specs)
+    if errors:
+        raise DataFilesError(errors)
+
+
+def prepare_backbone_path(cfg: DictConfig, datamodule) -> None:
+    """Write the tiny backbone into <run_dir>/backbone once and point model.path at it."""
+    tiny = cfg.model.get("tiny")
+    if cfg.model.path or not tiny:
+        return
+    from ptuning_pl.backbones.tiny import write_tiny_backbone
+
+    settings = OmegaConf.to_container(tiny, resolve=True)
+    vocab_size = settings.pop("vocab_size")
+    folder = write_tiny_backbone(
+        output_dir(cfg) / "backbone", datamodule.texts_for_tokenizer(), vocab_size=vocab_size, **settings
+    )
+    with open_dict(cfg):
+        cfg.model.path = str(folder)
+
+
+def backbone_spec(cfg: DictConfig) -> BackboneSpec:
+    return BackboneSpec(**{key: cfg.model.get(key) for key in BACKBONE_SPEC_KEYS if cfg.model.get(key) is not None})
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
+
+
+def write_metrics(metrics: dict[str, float], directory: Path) -> None:
+    path = directory / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    log.info("metrics written to %s", path)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train (and optionally test) a prefix as `cfg` says; return the final metrics as floats."""
+    check_transformers_version()
+    check_config(cfg)
+    validate_data_files(cfg)
+
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data, _convert_="partial")
+    datamodule.load_records()
+    prepare_backbone_path(cfg, datamodule)
+
+    spec = backbone_spec(cfg)
+    _, prompt_format = load_tokenizer_and_format(spec)
+    datamodule.prompt_format = prompt_format
+    log.info("backbone %s (family %s), prompt format %s", spec.path, spec.family, prompt_format.name)
+
+    module = PrefixTuningModule(
+        backbone=vars(spec),
+        prefix=OmegaConf.to_container(cfg.model.prefix, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+    )
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    if rank_zero_only.rank == 0:
+        write_run_record(cfg, output_dir(cfg))
+
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback and cfg.train else ""
+        ckpt_path = best or (None if cfg.train else cfg.get("ckpt_path"))
+        log.info("testing with %s", ckpt_path or "the current weights")
+        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
+
+    if trainer.is_global_zero:
+        write_metrics(metrics, output_dir(cfg))
+    return metrics
+
+
+@hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except (ConfigError, DataFilesError) as error:
+        log.error("%s", error)
+        if HydraConfig.get().mode.name == "RUN":
+            sys.exit(2)
+        raise
+    metric_name = cfg.get("optimized_metric")
+    return metrics.get(metric_name) if metric_name else None
+
+
+if __name__ == "__main__":
+    main()
