@@ -45,12 +45,31 @@ class ConfigError(ValueError):
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
 
 
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys whose value is `???`, found without resolving interpolations (which would fail on them)."""
+    found: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            dotted = f"{prefix}{key}"
+            if value == "???":
+                found.append(dotted)
+            else:
+                walk(value, dotted + ".")
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    walk({key: value for key, value in plain.items() if key != "hydra"}, "")
+    return found
+
+
 def _get(cfg: DictConfig, key: str, problems: list[str]):
     try:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
     except OmegaConfBaseException as error:
         message = str(error).splitlines()[0]
-        problems.append(f"{key}: {message}; set it on the command line, e.g. {key}=...")
+        if "Missing mandatory value" not in message:  # already listed by the missing-keys pass
+            problems.append(f"{key}: {message}")
         return None
 
 
@@ -68,6 +87,9 @@ def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError listing every invalid value of a training config; builds nothing."""
     problems: list[str] = []
     training = bool(cfg.get("train", True))
+
+    for key in missing_keys(cfg):
+        problems.append(f"{key} is required but not set: give it on the command line, e.g. {key}=...")
 
     family = _get(cfg, "model.family", problems)
     if family is not None and family not in FAMILIES:

@@ -40,6 +40,8 @@ def write_run_record(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:
     """Write `run_record.json` and the resolved `config.yaml` into `output_dir`; return the record's path."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # The `hydra` node exists only in configs composed with return_hydra_config (tests); Hydra saves it anyway.
+    cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     record = {
