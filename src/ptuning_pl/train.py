@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ from ptuning_pl.run_record import write_run_record
 from ptuning_pl.versions import check_transformers_version
 
 log = logging.getLogger("ptuning_pl.train")
+
+# The frozen backbone stays in eval mode on purpose (no dropout in it).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+# The ExactResume callback restores the position inside the epoch, which Lightning cannot see.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 BACKBONE_SPEC_KEYS = ("path", "family", "revision", "dtype", "trust_remote_code", "prompt_format", "gradient_checkpointing")
 
