@@ -28,7 +28,9 @@ def v1_fixture_dir() -> Path:
     """Return the ChatGLM-6B fixture folder, or skip the test when it is absent."""
     folder = shared_dir() / "fixtures" / "v1"
     if not (folder / "manifest.json").is_file():
-        pytest.skip(f"ChatGLM-6B golden fixtures not found in {folder}; set PTUNING_SHARED_DIR to the shared folder")
+        pytest.skip(
+            f"ChatGLM-6B golden fixtures not found in {folder}; set PTUNING_SHARED_DIR to the shared folder"
+        )
     return folder
 
 
@@ -45,7 +47,8 @@ def greedy_generate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill the left-padded prompt batch, then feed back the argmax token one step at a time.
 
-    Returns the new tokens (batch, max_new_tokens) and the logits of every step (max_new_tokens, batch, vocab).
+    Returns the new tokens (batch, max_new_tokens) and the logits of every step
+    (max_new_tokens, batch, vocab).
     The loop does not stop at an end token.
     """
     cache = backbone.new_cache(prefix, input_ids.shape[0])

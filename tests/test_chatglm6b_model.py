@@ -15,8 +15,8 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from helpers_chatglm import greedy_generate, load_json, v1_fixture_dir
 
+from helpers_chatglm import greedy_generate, load_json, v1_fixture_dir
 from ptuning_pl.backbones import chatglm6b
 from ptuning_pl.backbones.base import KVGeometry
 from ptuning_pl.backbones.chatglm6b import (
@@ -251,7 +251,9 @@ def test_greedy_generation_ignores_padding(fixture_dir, backbone, goldens, varia
 
         extra = 3
         padded_ids = torch.cat([torch.full((input_ids.shape[0], extra), pad_id), input_ids], dim=1)
-        padded_mask = torch.cat([torch.zeros(input_ids.shape[0], extra, dtype=torch.long), padding_mask], dim=1)
+        padded_mask = torch.cat(
+            [torch.zeros(input_ids.shape[0], extra, dtype=torch.long), padding_mask], dim=1
+        )
         prefix = None if encoder is None else encoder(batch_size=input_ids.shape[0])
         tokens, _ = greedy_generate(backbone, padded_ids, padded_mask, prefix, max_new_tokens=8)
     assert tokens.tolist() == expected.tolist()
@@ -302,7 +304,13 @@ def test_gradient_checkpointing_gives_same_prefix_gradients(fixture_dir, goldens
         gradients.append({name: parameter.grad.clone() for name, parameter in encoder.named_parameters()})
 
     plain, checkpointed = gradients
-    assert set(plain) == {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
+    assert set(plain) == {
+        "embedding.weight",
+        "trans.0.weight",
+        "trans.0.bias",
+        "trans.2.weight",
+        "trans.2.bias",
+    }
     for name in plain:
         assert plain[name].abs().sum() > 0, f"{name} received no gradient"
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -316,7 +324,9 @@ def base_state_dict(fixture_dir: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(fixture_dir / "model.safetensors"))
 
 
-def write_model_folder(folder: Path, fixture_dir: Path, shards: list[dict[str, torch.Tensor]], kind: str) -> Path:
+def write_model_folder(
+    folder: Path, fixture_dir: Path, shards: list[dict[str, torch.Tensor]], kind: str
+) -> Path:
     """Write config.json and the shards as safetensors or .bin, with an index file when there are several."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(fixture_dir / "config.json", folder / "config.json")
@@ -324,7 +334,11 @@ def write_model_folder(folder: Path, fixture_dir: Path, shards: list[dict[str, t
     stem = "model" if kind == "safetensors" else "pytorch_model"
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
-        name = f"{stem}.{extension}" if len(shards) == 1 else f"{stem}-{number:05d}-of-{len(shards):05d}.{extension}"
+        name = (
+            f"{stem}.{extension}"
+            if len(shards) == 1
+            else f"{stem}-{number:05d}-of-{len(shards):05d}.{extension}"
+        )
         if kind == "safetensors":
             safetensors.torch.save_file(shard, str(folder / name))
         else:
@@ -371,7 +385,9 @@ def test_loader_reads_checkpoint_layouts(tmp_path, fixture_dir, backbone, golden
 
 def test_loader_lists_renamed_key(tmp_path, fixture_dir):
     state = base_state_dict(fixture_dir)
-    state["transformer.layers.1.attention.dense.kernel"] = state.pop("transformer.layers.1.attention.dense.weight")
+    state["transformer.layers.1.attention.dense.kernel"] = state.pop(
+        "transformer.layers.1.attention.dense.weight"
+    )
     folder = write_model_folder(tmp_path / "model", fixture_dir, [state], "safetensors")
 
     with pytest.raises(CheckpointMismatchError) as error:
@@ -395,7 +411,9 @@ def test_loader_rejects_wrong_shape(tmp_path, fixture_dir):
     state["transformer.final_layernorm.bias"] = torch.zeros(65)
     folder = write_model_folder(tmp_path / "model", fixture_dir, [state], "safetensors")
 
-    with pytest.raises(CheckpointMismatchError, match=r"transformer.final_layernorm.bias \(65,\) \(expected \(64,\)\)"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"transformer.final_layernorm.bias \(65,\) \(expected \(64,\)\)"
+    ):
         load_chatglm6b_backbone(folder)
 
 
@@ -523,7 +541,9 @@ def test_reference_prefix_rejects_incomplete_projection(tmp_path, fixture_dir):
 
 def test_reference_prefix_export_rejects_foreign_keys(tmp_path):
     with pytest.raises(ValueError, match="not PrefixEncoder parameters"):
-        export_reference_prefix({"embedding.weight": torch.zeros(1), "extra": torch.zeros(1)}, tmp_path / "p.bin")
+        export_reference_prefix(
+            {"embedding.weight": torch.zeros(1), "extra": torch.zeros(1)}, tmp_path / "p.bin"
+        )
 
 
 def test_prefix_geometry_matches_reference_widths(backbone):

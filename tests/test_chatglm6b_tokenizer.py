@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from helpers_chatglm import load_json, v1_fixture_dir
 
+from helpers_chatglm import load_json, v1_fixture_dir
 from ptuning_pl.backbones.chatglm6b import ChatGLM6BPromptFormat
 from ptuning_pl.chatglm.tokenization_v1 import ChatGLM6BTokenizer
 
@@ -111,7 +111,9 @@ def test_decoding_matches_original(tokenizer, goldens):
         call_ids = case["call"]["input_ids"]
         assert tokenizer.decode(case["ids"]) == case["decode_ids"], name
         assert tokenizer.decode(call_ids) == case["decode_call_ids"], name
-        assert tokenizer.decode(call_ids, skip_special_tokens=True) == case["decode_call_ids_skip_special"], name
+        assert tokenizer.decode(call_ids, skip_special_tokens=True) == case["decode_call_ids_skip_special"], (
+            name
+        )
 
 
 @pytest.mark.parametrize("call_name", ["call", "call_max_length_16_truncation"])
@@ -148,7 +150,12 @@ def test_padded_batches_match_original(tokenizer, goldens, golden_masks, call_na
 def test_special_literals_stay_plain_text(tokenizer, goldens):
     cases = literal_cases(goldens)
     assert [case_id(case) for case in cases] == ["special_glm", "special_sp", "special_spaces_around"]
-    control_ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id, tokenizer.pad_token_id}
+    control_ids = {
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.mask_token_id,
+        tokenizer.pad_token_id,
+    }
     for case in cases:
         name = case_id(case)
         ids = tokenizer.encode(case["text"], add_special_tokens=False)
@@ -261,7 +268,9 @@ def test_eval_examples_match_reference(tokenizer, goldens, golden_masks, adgen_r
 def test_prompt_format_history_rounds(tokenizer):
     prompt_format = ChatGLM6BPromptFormat(tokenizer)
     history = [("你好", "你好！"), ("今天天气", "晴")]
-    expected_text = "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：今天天气\n答：晴\n[Round 2]\n问：穿什么\n答："
+    expected_text = (
+        "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：今天天气\n答：晴\n[Round 2]\n问：穿什么\n答："
+    )
 
     assert prompt_format.build_prompt("穿什么", history) == expected_text
     example = prompt_format.encode_prompt("穿什么", history, 256)
@@ -316,7 +325,11 @@ def test_record_cannot_inject_control_tokens(tokenizer):
 def test_prompt_format_decode_skips_special_tokens(tokenizer):
     prompt_format = ChatGLM6BPromptFormat(tokenizer)
     ids = tokenizer.encode("  你好 ", add_special_tokens=False)
-    generated = [tokenizer.bos_token_id] + ids + [tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    generated = (
+        [tokenizer.bos_token_id]
+        + ids
+        + [tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    )
     assert prompt_format.decode(generated) == "你好"
     assert prompt_format.stop_token_ids == [tokenizer.eos_token_id]
     assert prompt_format.pad_token_id == tokenizer.pad_token_id

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import huggingface_hub
 import safetensors
@@ -23,7 +24,12 @@ import safetensors.torch
 import torch
 
 from ptuning_pl.backbones.base import Backbone, EncodedExample, KVGeometry, PrefixKV, PromptFormat
-from ptuning_pl.chatglm.modeling_v1 import ChatGLM6BCache, ChatGLM6BConfig, ChatGLM6BForCausalLM, ChatGLM6BOutput
+from ptuning_pl.chatglm.modeling_v1 import (
+    ChatGLM6BCache,
+    ChatGLM6BConfig,
+    ChatGLM6BForCausalLM,
+    ChatGLM6BOutput,
+)
 from ptuning_pl.chatglm.tokenization_v1 import CONFIG_FILE_NAME, VOCAB_FILE_NAME, ChatGLM6BTokenizer
 
 logger = logging.getLogger(__name__)
@@ -88,7 +94,9 @@ class ChatGLM6BBackbone(Backbone):
         """Return a fresh `ChatGLM6BCache` holding `prefix` (or nothing) for `batch_size` rows."""
         return self.model.new_cache(None if prefix is None else list(prefix), batch_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: ChatGLM6BCache) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: ChatGLM6BCache
+    ) -> torch.Tensor:
         """Return logits (batch, n, vocab) for the new tokens; see `ChatGLM6BForCausalLM.forward`."""
         return self.model(input_ids, attention_mask, cache).logits
 
@@ -109,11 +117,13 @@ class ChatGLM6BPromptFormat(PromptFormat):
     """Builds examples as the reference ChatGLM-6B `ptuning/main.py` does.
 
     Training: prompt ids (cut to max_source_length - 1), [gMASK], <sop>, answer ids (cut to
-    max_target_length - 2), <eop>; labels are -100 over the prompt and [gMASK]. Generation prompts: prompt ids
-    cut to max_source_length - 2, then [gMASK] <sop>. With history, the prompt reads
+    max_target_length - 2), <eop>. Labels are -100 over the prompt and [gMASK]. Generation prompts: prompt
+    ids cut to max_source_length - 2, then [gMASK] <sop>. With history, the prompt reads
     "[Round i]\\n问：…\\n答：…\\n" per past round, then "[Round n]\\n问：{prompt}\\n答：". An empty history gives
-    the bare prompt in both cases. The reference training function writes the round format even for an empty
-    history when a history column is configured; that case is not reproduced.
+    the bare prompt in both cases.
+
+    NOTE: the reference training function writes the round format even for an empty history when a history
+    column is configured. That case is not reproduced.
     """
 
     name = "chatglm6b"
@@ -168,7 +178,9 @@ class ChatGLM6BPromptFormat(PromptFormat):
         self, prompt: str, history: Sequence[tuple[str, str]], max_source_length: int
     ) -> EncodedExample:
         if max_source_length < 2:
-            raise ValueError(f"max_source_length must be at least 2 (room for [gMASK] <sop>), got {max_source_length}")
+            raise ValueError(
+                f"max_source_length must be at least 2 (room for [gMASK] <sop>), got {max_source_length}"
+            )
         tokenizer = self.tokenizer
         prompt_ids = tokenizer.encode(self.build_prompt(prompt, history), add_special_tokens=False)
         prompt_truncated = len(prompt_ids) > max_source_length - 2
@@ -200,13 +212,17 @@ def resolve_model_folder(path: str | Path, revision: str | None = None) -> Path:
     # A Hub id is "owner/name"; anything else that does not exist is a mistyped local path.
     looks_like_local_path = text.startswith((".", "/", "~")) or text.count("/") != 1
     if looks_like_local_path:
-        raise FileNotFoundError(f"model folder {text} does not exist; pass a local folder or a Hub id such as owner/name")
+        raise FileNotFoundError(
+            f"model folder {text} does not exist; pass a local folder or a Hub id such as owner/name"
+        )
     logger.info("Downloading %s (revision %s) from the Hugging Face Hub", text, revision or "main")
-    return Path(huggingface_hub.snapshot_download(repo_id=text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    return Path(
+        huggingface_hub.snapshot_download(repo_id=text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
+    )
 
 
 def find_checkpoint_files(folder: Path) -> list[Path]:
-    """Return the weight files of `folder`, preferring safetensors; raise FileNotFoundError if there are none."""
+    """Return the weight files of `folder`, preferring safetensors; raise FileNotFoundError if none."""
     for index_name, single_name in ((SAFETENSORS_INDEX_FILE, SAFETENSORS_FILE), (BIN_INDEX_FILE, BIN_FILE)):
         index_file = folder / index_name
         if index_file.is_file():
@@ -219,7 +235,8 @@ def find_checkpoint_files(folder: Path) -> list[Path]:
         if (folder / single_name).is_file():
             return [folder / single_name]
     raise FileNotFoundError(
-        f"no weights in {folder}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX_FILE}, {BIN_FILE} or {BIN_INDEX_FILE}"
+        f"no weights in {folder}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX_FILE}, {BIN_FILE} or "
+        f"{BIN_INDEX_FILE}"
     )
 
 
@@ -227,7 +244,8 @@ def iterate_checkpoint_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]
     """Yield (key, tensor) pairs of one safetensors or PyTorch weight file, on the CPU."""
     if file.suffix == ".safetensors":
         with safetensors.safe_open(str(file), framework="pt", device="cpu") as reader:
-            for key in reader.keys():
+            names = reader.keys()
+            for key in names:
                 yield key, reader.get_tensor(key)
     else:
         yield from torch.load(file, map_location="cpu", weights_only=True).items()
@@ -280,11 +298,16 @@ def load_chatglm6b_weights(
         if unexpected:
             problems.append(f"unexpected keys: {_format_keys(unexpected)}")
         if wrong_shapes:
-            shapes = [f"{key} {shape} (expected {expected_shapes[key]})" for key, shape in sorted(wrong_shapes.items())]
+            shapes = [
+                f"{key} {shape} (expected {expected_shapes[key]})"
+                for key, shape in sorted(wrong_shapes.items())
+            ]
             problems.append(f"keys with the wrong shape: {', '.join(shapes)}")
         hint = "Pass the folder of a ChatGLM-6B (GLM v1) checkpoint with its own config.json."
         if any(key.startswith(REFERENCE_PREFIX_PREFIX) for key in unexpected):
-            hint += " Prefix-encoder weights belong in a separate file; load them with import_reference_prefix."
+            hint += (
+                " Prefix-encoder weights belong in a separate file; load them with import_reference_prefix."
+            )
         raise CheckpointMismatchError(
             f"checkpoint {', '.join(str(file) for file in files)} does not match the ChatGLM-6B layout; "
             + "; ".join(problems)
@@ -294,8 +317,8 @@ def load_chatglm6b_weights(
 
     if tied_head is not None and not torch.equal(tied_head, loaded[EMBEDDING_KEY]):
         raise CheckpointMismatchError(
-            f"{TIED_HEAD_KEY} differs from {EMBEDDING_KEY}; ChatGLM-6B ties them and this model cannot hold an "
-            "untied head"
+            f"{TIED_HEAD_KEY} differs from {EMBEDDING_KEY}, but ChatGLM-6B ties them and this model cannot "
+            "hold an untied head"
         )
 
     model.load_state_dict(loaded, strict=True, assign=True)
@@ -327,7 +350,11 @@ def check_tokenizer_matches_config(tokenizer: ChatGLM6BTokenizer, config: ChatGL
         "[gMASK]": (tokenizer.gmask_token_id, config.gmask_token_id),
         "pad": (tokenizer.pad_token_id, config.pad_token_id),
     }
-    mismatched = [f"{name}: tokenizer {ours}, config {theirs}" for name, (ours, theirs) in pairs.items() if ours != theirs]
+    mismatched = [
+        f"{name}: tokenizer {ours}, config {theirs}"
+        for name, (ours, theirs) in pairs.items()
+        if ours != theirs
+    ]
     if mismatched:
         raise ValueError(
             "the tokenizer and the model config disagree on special-token ids ("
@@ -389,7 +416,9 @@ def import_reference_prefix(path: str | Path) -> dict[str, torch.Tensor]:
     if unknown:
         raise ValueError(f"{source} has prefix-encoder keys this PrefixEncoder does not have: {unknown}")
     if "embedding.weight" not in state:
-        raise ValueError(f"{source} has no {REFERENCE_PREFIX_PREFIX}embedding.weight; it is not a P-Tuning v2 checkpoint")
+        raise ValueError(
+            f"{source} has no {REFERENCE_PREFIX_PREFIX}embedding.weight; it is not a P-Tuning v2 checkpoint"
+        )
     projection_keys = [name for name in PREFIX_PARAMETER_NAMES if name.startswith("trans.")]
     present = [name for name in projection_keys if name in state]
     if present and len(present) != len(projection_keys):
@@ -406,7 +435,9 @@ def export_reference_prefix(state_dict: dict[str, torch.Tensor], path: str | Pat
     """
     unknown = sorted(set(state_dict) - set(PREFIX_PARAMETER_NAMES))
     if unknown:
-        raise ValueError(f"not PrefixEncoder parameters: {unknown}; expected names among {list(PREFIX_PARAMETER_NAMES)}")
+        raise ValueError(
+            f"not PrefixEncoder parameters: {unknown}; expected names among {list(PREFIX_PARAMETER_NAMES)}"
+        )
     if "embedding.weight" not in state_dict:
         raise ValueError("the state dict has no embedding.weight; pass PrefixEncoder.state_dict()")
 

@@ -4,8 +4,8 @@ The network follows the original `modeling_chatglm.py` of the chatglm-6b model r
 
 - Each layer has a fused query/key/value projection whose output is laid out per head as (q, k, v), a
   post-norm "DeepNorm" residual `LN(x) * alpha + sublayer(LN(x))`, and a two-matrix MLP with
-  tanh-approximated GELU. Alpha is sqrt(2 * 28) whatever the depth (see `DEEPNORM_ALPHA`). A final LayerNorm follows the last layer, and the LM head is
-  tied to the word embeddings.
+  tanh-approximated GELU. Alpha is sqrt(2 * 28) whatever the depth (see `DEEPNORM_ALPHA`). A final
+  LayerNorm follows the last layer, and the LM head is tied to the word embeddings.
 - Rotary positions are two-dimensional: the first half of every head is rotated by the position id, the
   second half by the block position id. The inverse frequencies are rounded through fp16, as the original
   stores them; exact fp32 frequencies move the logits by about 1e-3.
@@ -76,7 +76,7 @@ class ChatGLM6BConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ChatGLM6BConfig:
-        """Build a config from the entries of an original `config.json`, raising ValueError for an unusable one."""
+        """Build a config from an original `config.json`, raising ValueError for an unusable one."""
         required = [
             "vocab_size",
             "hidden_size",
@@ -90,9 +90,13 @@ class ChatGLM6BConfig:
         ]
         missing = [name for name in required if values.get(name) is None]
         if missing:
-            raise ValueError(f"ChatGLM-6B config is missing {missing}; pass the config.json of the checkpoint")
+            raise ValueError(
+                f"ChatGLM-6B config is missing {missing}; pass the config.json of the checkpoint"
+            )
         if not values.get("position_encoding_2d", True):
-            raise ValueError("position_encoding_2d=false is not supported; ChatGLM-6B checkpoints use 2-D positions")
+            raise ValueError(
+                "position_encoding_2d=false is not supported; ChatGLM-6B checkpoints use 2-D positions"
+            )
         if values.get("quantization_bit", 0):
             raise ValueError(
                 f"quantization_bit={values['quantization_bit']} checkpoints store packed integer weights; "
@@ -158,8 +162,12 @@ class ChatGLM6BCache:
             batch_size=int(index.numel()),
             prefix_length=self.prefix_length,
             seen_length=self.seen_length,
-            context_lengths=None if self.context_lengths is None else self.context_lengths.index_select(0, index),
-            mask_positions=None if self.mask_positions is None else self.mask_positions.index_select(0, index),
+            context_lengths=None
+            if self.context_lengths is None
+            else self.context_lengths.index_select(0, index),
+            mask_positions=None
+            if self.mask_positions is None
+            else self.mask_positions.index_select(0, index),
         )
 
 
@@ -219,7 +227,9 @@ def build_position_ids(
 def build_attention_layout(
     padding_mask: torch.Tensor, context_lengths: torch.Tensor, query_length: int, prefix_length: int
 ) -> torch.Tensor:
-    """Return which keys the last `query_length` tokens may attend to: (batch, 1, queries, prefix + seq), True = allowed.
+    """Return which keys the last `query_length` tokens may attend to, True = allowed.
+
+    The result is (batch, 1, queries, prefix + seq).
 
     A real query sees the prefix, every real prompt token before <sop> and every real token up to itself.
     A padding query sees the prefix and itself only, so that no softmax row is empty.
@@ -306,7 +316,9 @@ class ChatGLM6BAttention(nn.Module):
         batch_size, length, _ = hidden_states.shape
 
         # The fused projection is laid out per head as (query, key, value): (batch, seq, heads, 3 * head_dim).
-        mixed = self.query_key_value(hidden_states).view(batch_size, length, self.num_heads, 3 * self.head_dim)
+        mixed = self.query_key_value(hidden_states).view(
+            batch_size, length, self.num_heads, 3 * self.head_dim
+        )
         query, key, value = mixed.split(self.head_dim, dim=-1)
         query = apply_rotary(query, cos, sin)
         key = apply_rotary(key, cos, sin)
@@ -351,7 +363,9 @@ class ChatGLM6BBlock(nn.Module):
         past_value: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attention_input = self.input_layernorm(hidden_states)
-        attention_output, key, value = self.attention(attention_input, cos, sin, allowed, past_key, past_value)
+        attention_output, key, value = self.attention(
+            attention_input, cos, sin, allowed, past_key, past_value
+        )
         hidden_states = attention_input * self.alpha + attention_output
 
         mlp_input = self.post_attention_layernorm(hidden_states)
@@ -403,7 +417,11 @@ class ChatGLM6BForCausalLM(nn.Module):
         for layer, (key, value) in enumerate(prefix):
             for name, tensor in (("key", key), ("value", value)):
                 expected = (config.num_attention_heads, prefix_length, config.head_dim)
-                if tensor.dim() != 4 or tuple(tensor.shape[1:]) != expected or tensor.shape[0] not in (1, batch_size):
+                if (
+                    tensor.dim() != 4
+                    or tuple(tensor.shape[1:]) != expected
+                    or tensor.shape[0] not in (1, batch_size)
+                ):
                     raise ValueError(
                         f"prefix {name} of layer {layer} has shape {tuple(tensor.shape)}; expected "
                         f"({batch_size}, {', '.join(map(str, expected))})"
@@ -430,7 +448,8 @@ class ChatGLM6BForCausalLM(nn.Module):
         if attention_mask.shape != (batch_size, cache.seen_length + length):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({batch_size}, "
-                f"{cache.seen_length + length}), covering the {cache.seen_length} cached and {length} new tokens"
+                f"{cache.seen_length + length}), covering the {cache.seen_length} cached and {length} new "
+                "tokens"
             )
 
         if cache.context_lengths is None or cache.mask_positions is None:
@@ -466,5 +485,6 @@ class ChatGLM6BForCausalLM(nn.Module):
         cache.seen_length += length
 
         logits = F.linear(hidden_states, self.transformer.word_embeddings.weight)
-        return ChatGLM6BOutput(logits=logits, hidden_states=tuple(all_hidden_states) if output_hidden_states else None)
-
+        return ChatGLM6BOutput(
+            logits=logits, hidden_states=tuple(all_hidden_states) if output_hidden_states else None
+        )

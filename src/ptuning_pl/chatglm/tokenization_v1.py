@@ -3,8 +3,8 @@
 What it reproduces from the original `tokenization_chatglm.py` (chatglm-6b model repo, 2023-09 revision,
 run with transformers 4.30):
 
-- Before sentencepiece, "\\n" becomes the piece "<n>", "\\t" becomes "<|tab|>", and runs of 80 down to 2 spaces
-  become "<|blank_N|>", taken greedily from 80 (200 spaces are 80 + 80 + 40).
+- Before sentencepiece, "\\n" becomes the piece "<n>", "\\t" becomes "<|tab|>", and runs of 80 down to 2
+  spaces become "<|blank_N|>", taken greedily from 80 (200 spaces are 80 + 80 + 40).
 - Token ids are sentencepiece ids plus `num_image_tokens` (0 in the current `tokenizer_config.json`; the
   original code's default of 20000 applies when the file does not set it).
 - `encode` appends [gMASK] and <sop>; a second sequence is followed by <eop>.
@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import sentencepiece as spm
 import torch
@@ -120,8 +121,8 @@ class ChatGLM6BTokenizer:
         self.pad_token_id = self.piece_to_id(pad_token)
         self.unk_token_id = self.piece_to_id(unk_token)
 
-        # The ids that `decode(..., skip_special_tokens=True)` drops: the original's special tokens. [gMASK] is
-        # not among them, but sentencepiece decodes it (a control piece) to nothing anyway.
+        # The ids that `decode(..., skip_special_tokens=True)` drops: the original's special tokens.
+        # [gMASK] is not among them, but sentencepiece decodes it (a control piece) to nothing anyway.
         self.all_special_ids = [
             self.bos_token_id,
             self.eos_token_id,
@@ -241,7 +242,9 @@ class ChatGLM6BTokenizer:
         """Return the sentencepiece pieces of `text` (no special tokens added)."""
         return self.sp_model.encode(self._preprocess(text), out_type=str)
 
-    def build_inputs_with_special_tokens(self, ids: Sequence[int], pair_ids: Sequence[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, ids: Sequence[int], pair_ids: Sequence[int] | None = None
+    ) -> list[int]:
         """Return `ids + [gMASK, <sop>]`, followed by `pair_ids + [<eop>]` when a pair is given."""
         result = list(ids) + [self.gmask_token_id, self.bos_token_id]
         if pair_ids is not None:
@@ -268,7 +271,8 @@ class ChatGLM6BTokenizer:
         """Encode one text or a batch the way the original `tokenizer(...)` call does.
 
         `padding` is False, True (or "longest": pad to the longest sequence of the batch) or "max_length".
-        With `truncation`, the text ids are cut so that the result, special tokens included, fits `max_length`.
+        With `truncation`, the text ids are cut so that the result, special tokens included, fits
+        `max_length`.
         The attention mask and position ids are returned only when padding is requested or `max_length` is
         given, as in the original. `return_tensors="pt"` returns torch tensors with a batch dimension;
         otherwise the values are nested Python lists.
