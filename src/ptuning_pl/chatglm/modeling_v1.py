@@ -231,8 +231,8 @@ def build_attention_layout(
 
     The result is (batch, 1, queries, prefix + seq).
 
-    A real query sees the prefix, every real prompt token before <sop> and every real token up to itself.
-    A padding query sees the prefix and itself only, so that no softmax row is empty.
+    A real query attends to the prefix, every real prompt token before <sop> and every real token up to
+    itself. A padding query attends to the prefix and itself only, so that no softmax row is empty.
     """
     batch_size, total_length = padding_mask.shape
     real = padding_mask.bool()
