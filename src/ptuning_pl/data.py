@@ -61,7 +61,6 @@ class EncodedDataset(Dataset):
 def pad_batch(items: Sequence[dict[str, Any]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad to the longest item in the batch (not to a fixed length)."""
     longest = max(len(item["input_ids"]) for item in items)
-    has_labels = all(item.get("labels") for item in items)
 
     input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
@@ -72,16 +71,20 @@ def pad_batch(items: Sequence[dict[str, Any]], pad_token_id: int, padding_side: 
         span = slice(0, length) if padding_side == "right" else slice(longest - length, longest)
         input_ids[row, span] = torch.tensor(item["input_ids"])
         attention_mask[row, span] = 1
-        if has_labels:
-            labels[row, span] = torch.tensor(item["labels"])
+        labels[row, span] = torch.tensor(item["labels"])
 
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
+        "labels": labels,
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "position": torch.tensor([item.get("position", row) for row, item in enumerate(items)], dtype=torch.long),
     }
-    if has_labels:
-        batch["labels"] = labels
+    if "prompt_ids" in items[0]:
+        # Generation left-pads these itself; strings and ragged lists pass through device transfer untouched.
+        batch["prompt_ids"] = [item["prompt_ids"] for item in items]
+        batch["prompt"] = [item["prompt"] for item in items]
+        batch["reference"] = [item["reference"] for item in items]
     return batch
 
 
@@ -224,20 +227,17 @@ class AdgenDataModule(pl.LightningDataModule):
     def _encode(self, split: str, records: list[Record]) -> EncodedDataset:
         stats = EncodingStats()
         items = []
-        for record in records:
+        for position, record in enumerate(records):
             if split == "train":
-                encoded = self.prompt_format.encode_train(
-                    record.prompt, record.response, record.history, self.max_source_length, self.max_target_length
-                )
+                item = self._encode_train(record, stats)
             else:
-                encoded = self._encode_eval(record)
-            stats.prompts_truncated += encoded.prompt_truncated
-            stats.responses_truncated += encoded.response_truncated
-
-            if encoded.labels and all(label == IGNORE_INDEX for label in encoded.labels):
+                item = self._encode_eval(record, stats)
+            if item is None:
                 stats.dropped.append(record.index)
                 continue
-            items.append({"index": record.index, "input_ids": encoded.input_ids, "labels": encoded.labels})
+            item["index"] = record.index
+            item["position"] = len(items)
+            items.append(item)
 
         stats.examples = len(items)
         self.stats[split] = stats
@@ -246,13 +246,36 @@ class AdgenDataModule(pl.LightningDataModule):
             log.warning("%s: dropped records (0-based index) %s", split, stats.dropped[:20])
         return EncodedDataset(items)
 
-    def _encode_eval(self, record: Record):
-        """Validation and test records carry the training encoding (for val/loss) when they have a response."""
-        if record.response is None:
-            return self.prompt_format.encode_prompt(record.prompt, record.history, self.max_source_length)
-        return self.prompt_format.encode_train(
+    def _encode_train(self, record: Record, stats: EncodingStats) -> dict[str, Any] | None:
+        encoded = self.prompt_format.encode_train(
             record.prompt, record.response, record.history, self.max_source_length, self.max_target_length
         )
+        stats.prompts_truncated += encoded.prompt_truncated
+        stats.responses_truncated += encoded.response_truncated
+        if all(label == IGNORE_INDEX for label in encoded.labels):
+            return None
+        return {"input_ids": encoded.input_ids, "labels": encoded.labels}
+
+    def _encode_eval(self, record: Record, stats: EncodingStats) -> dict[str, Any] | None:
+        """Validation and test items: the generation prompt, plus the training encoding for the loss.
+
+        A record without a response (allowed in test files) gets no loss: its labels are all -100.
+        """
+        prompt = self.prompt_format.encode_prompt(record.prompt, record.history, self.max_source_length)
+        stats.prompts_truncated += prompt.prompt_truncated
+        item = {"prompt_ids": prompt.input_ids, "prompt": record.prompt, "reference": record.response}
+        if record.response is None:
+            item["input_ids"] = prompt.input_ids
+            item["labels"] = [IGNORE_INDEX] * len(prompt.input_ids)
+            return item
+
+        encoded = self.prompt_format.encode_train(
+            record.prompt, record.response, record.history, self.max_source_length, self.max_target_length
+        )
+        stats.responses_truncated += encoded.response_truncated
+        item["input_ids"] = encoded.input_ids
+        item["labels"] = encoded.labels
+        return item
 
     # ------------------------------------------------------------------------------------------ dataloaders
     def _world(self) -> tuple[int, int]:

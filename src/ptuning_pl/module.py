@@ -9,16 +9,22 @@ does it for you), and use `prefix_kv()` / `backbone`.
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+import torch.distributed as dist
+from torchmetrics import SumMetric
 from transformers import get_linear_schedule_with_warmup
 
-from ptuning_pl.backbones import Backbone, BackboneSpec, load_backbone
+from ptuning_pl.backbones import Backbone, BackboneSpec, PromptFormat, load_backbone, load_tokenizer_and_format
+from ptuning_pl.generation import GenerationSettings, generate
+from ptuning_pl.metrics import AdgenMetric
 from ptuning_pl.prefix import PrefixEncoder
 from ptuning_pl.prompts import IGNORE_INDEX
 
@@ -36,6 +42,36 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint's prefix keys or shapes do not match the configured prefix."""
 
 
+@dataclass
+class EvaluationConfig:
+    """Generation-based evaluation: what to generate during validation and test, and how to score it."""
+
+    #: "greedy" (default) or "reference" (sampling with top_p 0.7 and temperature 0.95, and scoring against
+    #: the response encoded, cut to max_target_length tokens and decoded again, as the reference does).
+    preset: str = "greedy"
+    #: New tokens per prompt; the reference generates up to max_target_length.
+    max_new_tokens: int = 64
+    top_p: float | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    #: Validation examples to generate for at each validation (the first K of the validation set); 0 = none.
+    val_examples: int = 64
+    #: Token budgets the data was encoded with; prediction from a checkpoint reuses them.
+    max_source_length: int = 64
+    max_target_length: int = 64
+    #: Folder (under the run directory) for test_generated_predictions.jsonl.
+    predictions_dir: str = "predictions"
+
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings.from_preset(
+            self.preset,
+            max_new_tokens=self.max_new_tokens,
+            top_p=self.top_p,
+            temperature=self.temperature,
+            seed=self.seed,
+        )
+
+
 class PrefixTuningModule(pl.LightningModule):
     """P-Tuning v2 on a frozen causal LM.
 
@@ -45,16 +81,32 @@ class PrefixTuningModule(pl.LightningModule):
         optim: lr, weight_decay, betas, eps, warmup_steps, warmup_ratio.
     """
 
-    def __init__(self, backbone: dict[str, Any], prefix: dict[str, Any], optim: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        prefix: dict[str, Any],
+        optim: dict[str, Any],
+        evaluation: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.spec = BackboneSpec(**backbone)
         self.prefix_config = dict(prefix)
         self.optim_config = dict(optim)
+        self.evaluation = EvaluationConfig(**(evaluation or {}))
+        self.generation_settings = self.evaluation.settings()
 
         self.backbone: Backbone | None = None
+        self.prompt_format: PromptFormat | None = None
         self.prefix_encoder: PrefixEncoder | None = None
-        self.val_loss = MeanMetric()
+
+        # Token-weighted evaluation loss and the ADGEN scores; their states are summed across ranks.
+        self.eval_loss_sum = SumMetric()
+        self.eval_loss_tokens = SumMetric()
+        self.eval_scores = AdgenMetric()
+        self._test_rows: list[dict[str, Any]] = []
+        #: The latest evaluation metrics in full precision (Lightning's logged copies are float32).
+        self.eval_metrics: dict[str, float] = {}
         # Checkpoints hold the prefix only; on_load_checkpoint checks those keys strictly instead.
         self.strict_loading = False
 
@@ -68,6 +120,7 @@ class PrefixTuningModule(pl.LightningModule):
         if self.backbone is not None:
             return
         backbone = load_backbone(self.spec)
+        _, self.prompt_format = load_tokenizer_and_format(self.spec)
         backbone.model.requires_grad_(False)
         backbone.model.eval()
         self.backbone = backbone
@@ -143,23 +196,137 @@ class PrefixTuningModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self.token_losses(batch)
         loss = loss_sum / count.clamp(min=1)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        if "labels" not in batch:
-            return
-        loss_sum, count = self.token_losses(batch)
-        self.val_loss.update(loss_sum / count.clamp(min=1), weight=count)
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+    # ----------------------------------------------------------------------------------------- evaluation
+    def generate_ids(self, prompts: list[list[int]], settings: GenerationSettings | None = None) -> list[list[int]]:
+        """Generate new token ids for a batch of prompt ids with the prefix."""
+        return generate(
+            self.backbone,
+            self.prefix_kv,
+            prompts,
+            pad_token_id=self.prompt_format.pad_token_id,
+            stop_token_ids=self.prompt_format.stop_token_ids,
+            settings=settings or self.generation_settings,
+            device=self.device,
+        )
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        if "labels" not in batch:
-            return
+    def reference_for_scoring(self, response: str) -> str:
+        """The raw response, or with the "reference" preset the response as the reference scripts score it."""
+        if self.evaluation.preset != "reference":
+            return response
+        ids = self.prompt_format.encode_text(response)[: self.evaluation.max_target_length]
+        return self.prompt_format.decode(ids)
+
+    def _evaluate_batch(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
+        """Generate for `rows` of the batch, update the scores, and return one output row per example."""
+        if not rows:
+            return []
+        generated = self.generate_ids([batch["prompt_ids"][row] for row in rows])
+        outputs = []
+        predictions, references = [], []
+        for row, ids in zip(rows, generated):
+            prediction = self.prompt_format.decode(ids)
+            reference = batch["reference"][row]
+            outputs.append(
+                {
+                    "position": int(batch["position"][row]),
+                    "id": int(batch["index"][row]),
+                    "prompt": batch["prompt"][row],
+                    "prediction": prediction,
+                    "reference": reference,
+                }
+            )
+            if reference is not None:
+                predictions.append(prediction)
+                references.append(self.reference_for_scoring(reference))
+        if predictions:
+            self.eval_scores.update(predictions, references)
+        return outputs
+
+    def _update_loss(self, batch: dict[str, torch.Tensor]) -> None:
         loss_sum, count = self.token_losses(batch)
-        self.val_loss.update(loss_sum / count.clamp(min=1), weight=count)
-        self.log("test/loss", self.val_loss, on_step=False, on_epoch=True)
+        self.eval_loss_sum.update(loss_sum.detach())
+        self.eval_loss_tokens.update(count)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._update_loss(batch)
+        if self.evaluation.val_examples > 0:
+            rows = [row for row, position in enumerate(batch["position"].tolist()) if position < self.evaluation.val_examples]
+            self._evaluate_batch(batch, rows)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._update_loss(batch)
+        self._test_rows += self._evaluate_batch(batch, list(range(len(batch["position"]))))
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_eval_state()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_eval_state()
+        self._test_rows = []
+
+    def _reset_eval_state(self) -> None:
+        self.eval_loss_sum.reset()
+        self.eval_loss_tokens.reset()
+        self.eval_scores.reset()
+
+    def _log_eval_metrics(self, stage: str, scored: bool) -> dict[str, float]:
+        """Log `<stage>/loss` and the ADGEN scores; every value is already summed over ranks."""
+        metrics: dict[str, float] = {}
+        tokens = float(self.eval_loss_tokens.compute())
+        if tokens > 0:
+            metrics[f"{stage}/loss"] = float(self.eval_loss_sum.compute()) / tokens
+        if scored:
+            for name, value in self.eval_scores.compute().items():
+                metrics[f"{stage}/{name}"] = float(value)
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in (f"{stage}/loss", f"{stage}/rouge-l"), sync_dist=False)
+        self.eval_metrics.update(metrics)
+        return metrics
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = self._log_eval_metrics("val", scored=self.evaluation.val_examples > 0)
+        if "val/count" in metrics:
+            log.info(
+                "validation at step %d: loss %.4f, ROUGE-L %.2f, BLEU-4 %.2f over %d generated examples "
+                "(%d empty predictions)",
+                self.global_step,
+                metrics.get("val/loss", float("nan")),
+                metrics["val/rouge-l"],
+                metrics["val/bleu-4"],
+                metrics["val/count"],
+                metrics["val/empty_predictions"],
+            )
+
+    def on_test_epoch_end(self) -> None:
+        rows = gather_rows(self._test_rows)
+        metrics = self._log_eval_metrics("test", scored=any(row["reference"] is not None for row in rows))
+        log.info(
+            "test: %d examples generated, %d scored, %d empty predictions",
+            len(rows),
+            int(metrics.get("test/count", 0)),
+            int(metrics.get("test/empty_predictions", 0)),
+        )
+        if self.trainer.is_global_zero:
+            self.write_predictions(rows)
+
+    def write_predictions(self, rows: list[dict[str, Any]]) -> Path:
+        """Write one JSON line per test example, in input order: id, prompt, prediction, reference."""
+        folder = Path(self.trainer.default_root_dir) / self.evaluation.predictions_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "test_generated_predictions.jsonl"
+        with open(path, "w", encoding="utf-8") as handle:
+            for row in rows:
+                record = {key: row[key] for key in ("id", "prompt", "prediction", "reference")}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        log.info("predictions written to %s", path)
+        return path
 
     def configure_optimizers(self):
         params = [p for name, p in self.named_parameters() if is_prefix_key(name)]
@@ -186,6 +353,16 @@ class PrefixTuningModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_prefix_state(checkpoint["state_dict"], self.prefix_state_dict(), source="checkpoint")
+
+
+def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Collect output rows from every rank and return them in input order, each example once."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part or []]
+    unique = {row["position"]: row for row in rows}
+    return [unique[position] for position in sorted(unique)]
 
 
 def check_prefix_state(

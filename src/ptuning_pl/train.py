@@ -123,6 +123,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         backbone=vars(spec),
         prefix=OmegaConf.to_container(cfg.model.prefix, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        evaluation=OmegaConf.to_container(cfg.evaluation, resolve=True),
     )
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
@@ -141,6 +142,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("testing with %s", ckpt_path or "the current weights")
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
+    metrics.update(module.eval_metrics)
 
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir(cfg))

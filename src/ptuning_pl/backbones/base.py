@@ -124,3 +124,7 @@ class PromptFormat(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Decode generated ids, skipping special tokens, stripped."""
+
+    def encode_text(self, text: str) -> list[int]:
+        """Encode user text as plain text, without template or special tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement encode_text")
