@@ -51,8 +51,10 @@ def test_adgen_experiment_matches_reference_recipe(tmp_path):
     assert cfg.seed == 42
     assert cfg.data.train_file == "/data/AdvertiseGen/train.json"
     assert cfg.data.validation_file == "/data/AdvertiseGen/dev.json"
-    assert cfg.model.path == "THUDM/glm-4-9b-chat-hf"
-    assert cfg.model.dtype == "bfloat16"
+    assert cfg.model.family == "chatglm"
+    assert cfg.model.path == "THUDM/chatglm-6b"
+    assert cfg.model.dtype == "float16"
+    assert cfg.trainer.precision == "32-true"
 
 
 def test_adgen_experiment_without_data_dir_is_reported(tmp_path):

@@ -198,6 +198,9 @@ class ChatGLM6BPromptFormat(PromptFormat):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Loading
@@ -380,6 +383,18 @@ def load_chatglm6b(
     tokenizer = ChatGLM6BTokenizer.from_pretrained(tokenizer_path if tokenizer_path is not None else folder)
     check_tokenizer_matches_config(tokenizer, backbone.config)
     return backbone, tokenizer
+
+
+def load_chatglm6b_tokenizer_and_format(
+    path: str | Path, revision: str | None = None
+) -> tuple[ChatGLM6BTokenizer, ChatGLM6BPromptFormat]:
+    """Load only the tokenizer (no weights) and the reference prompt format of a ChatGLM-6B folder or hub id."""
+    folder = resolve_model_folder(path, revision)
+    tokenizer = ChatGLM6BTokenizer.from_pretrained(folder)
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        check_tokenizer_matches_config(tokenizer, ChatGLM6BConfig.from_json_file(config_path))
+    return tokenizer, ChatGLM6BPromptFormat(tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------------
