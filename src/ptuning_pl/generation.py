@@ -7,7 +7,7 @@ step; each row gets its own positions from its padding mask.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +69,7 @@ def sample_next(logits: torch.Tensor, settings: GenerationSettings, generator: t
 
 
 @torch.no_grad()
-def generate(
+def iterate_tokens(
     backbone: Backbone,
     prefix_kv: Callable[[int], PrefixKV | None],
     prompts: Sequence[Sequence[int]],
@@ -77,8 +77,12 @@ def generate(
     stop_token_ids: Sequence[int],
     settings: GenerationSettings,
     device: torch.device | str | None = None,
-) -> list[list[int]]:
-    """Generate for a batch of prompt ids; return each row's new tokens without the stop token."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (next tokens, finished-before-this-step mask) per decoding step until every row has stopped.
+
+    Rows that already stopped receive the pad token. The prefix keys and values are computed once and reused
+    from the cache at every step.
+    """
     batch_size = len(prompts)
     input_ids, attention_mask = left_pad(prompts, pad_token_id, device=device)
     cache = backbone.new_cache(prefix_kv(batch_size), batch_size)
@@ -89,23 +93,40 @@ def generate(
 
     stop = torch.tensor(sorted(set(stop_token_ids)), device=input_ids.device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
-    generated = torch.full((batch_size, settings.max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
-    lengths = torch.full((batch_size,), settings.max_new_tokens, dtype=torch.long, device=input_ids.device)
 
     logits = backbone.forward(input_ids, attention_mask, cache)[:, -1]
     for step in range(settings.max_new_tokens):
         next_tokens = sample_next(logits, settings, generator)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
-        generated[:, step] = next_tokens
+        yield next_tokens, finished.clone()
 
-        just_stopped = ~finished & torch.isin(next_tokens, stop)
-        lengths = torch.where(just_stopped, torch.full_like(lengths, step), lengths)
-        finished |= just_stopped
+        finished |= torch.isin(next_tokens, stop)
         # One host synchronisation per step, to stop as soon as every row is done.
         if bool(finished.all()) or step + 1 == settings.max_new_tokens:
-            break
+            return
 
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
         logits = backbone.forward(next_tokens.unsqueeze(-1), attention_mask, cache)[:, -1]
 
-    return [generated[row, : int(lengths[row])].tolist() for row in range(batch_size)]
+
+def generate(
+    backbone: Backbone,
+    prefix_kv: Callable[[int], PrefixKV | None],
+    prompts: Sequence[Sequence[int]],
+    pad_token_id: int,
+    stop_token_ids: Sequence[int],
+    settings: GenerationSettings,
+    device: torch.device | str | None = None,
+) -> list[list[int]]:
+    """Generate for a batch of prompt ids; return each row's new tokens without the stop token."""
+    steps = iterate_tokens(backbone, prefix_kv, prompts, pad_token_id, stop_token_ids, settings, device)
+    # Tokens stay on the device until the end: one copy to the host per batch, not per step.
+    columns = [next_tokens for next_tokens, _ in steps]
+    if not columns:
+        return [[] for _ in prompts]
+    stop = set(stop_token_ids)
+    outputs = []
+    for row in torch.stack(columns, dim=1).tolist():
+        end = next((i for i, token in enumerate(row) if token in stop), len(row))
+        outputs.append(row[:end])
+    return outputs

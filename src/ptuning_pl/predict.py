@@ -19,7 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ptuning_pl.backbones import BackboneSpec, load_tokenizer_and_format
+from ptuning_pl.backbones import load_tokenizer_and_format
+from ptuning_pl.export import ExportError, module_from_export, read_export
+from ptuning_pl.inference import resolve_export_dir
 from ptuning_pl.config import ConfigError, config_dir, missing_keys
 from ptuning_pl.module import PrefixTuningModule
 from ptuning_pl.records import DataFileSpec, validate_files
@@ -59,9 +61,10 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Generate for cfg.data.test_file with the prefix in cfg.ckpt_path; return the test metrics."""
     check_transformers_version()
     problems = [f"{key} is required but not set: give it on the command line, e.g. {key}=..." for key in missing_keys(cfg)]
+    if bool(cfg.get("ckpt_path")) == bool(cfg.get("export_dir")):
+        problems.append("set exactly one of ckpt_path=RUN/checkpoints/X.ckpt and export_dir=EXPORT_DIR")
     if problems:
         raise ConfigError(problems)
-    hparams = read_checkpoint_hparams(cfg.ckpt_path)
 
     errors = validate_files(
         [
@@ -79,13 +82,25 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         raise DataFilesError(errors)
 
     pl.seed_everything(cfg.seed, workers=True)
-    backbone = dict(hparams["backbone"])
-    if cfg.get("model_path"):
-        backbone["path"] = cfg.model_path
-    evaluation = evaluation_settings(cfg, hparams.get("evaluation") or {})
+    backbone_overrides = {"path": cfg.model_path} if cfg.get("model_path") else {}
+    if cfg.get("export_dir"):
+        description, _ = read_export(resolve_export_dir(cfg.export_dir))
+        evaluation = evaluation_settings(cfg, description.get("evaluation") or {})
+        module = module_from_export(
+            resolve_export_dir(cfg.export_dir),
+            prefix_overrides=OmegaConf.to_container(cfg.prefix, resolve=True),
+            backbone_overrides=backbone_overrides,
+            evaluation=evaluation,
+        )
+        ckpt_path = None
+    else:
+        hparams = read_checkpoint_hparams(cfg.ckpt_path)
+        evaluation = evaluation_settings(cfg, hparams.get("evaluation") or {})
+        backbone = {**hparams["backbone"], **backbone_overrides}
+        module = PrefixTuningModule(backbone=backbone, prefix=hparams["prefix"], optim=hparams["optim"], evaluation=evaluation)
+        ckpt_path = cfg.ckpt_path
 
-    spec = BackboneSpec(**backbone)
-    _, prompt_format = load_tokenizer_and_format(spec)
+    _, prompt_format = load_tokenizer_and_format(module.spec)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.update(
         max_source_length=evaluation["max_source_length"],
@@ -93,11 +108,10 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     )
     datamodule = instantiate(data, prompt_format=prompt_format, _convert_="partial")
 
-    module = PrefixTuningModule(backbone=backbone, prefix=hparams["prefix"], optim=hparams["optim"], evaluation=evaluation)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     write_run_record(cfg, output_dir(cfg))
 
-    trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics.update(module.eval_metrics)
     if trainer.is_global_zero:
@@ -109,7 +123,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     try:
         predict(cfg)
-    except (ConfigError, DataFilesError) as error:
+    except (ConfigError, DataFilesError, ExportError, FileNotFoundError) as error:
         log.error("%s", error)
         if HydraConfig.get().mode.name == "RUN":
             sys.exit(2)

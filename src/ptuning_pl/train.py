@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ptuning_pl.backbones import BackboneSpec, load_tokenizer_and_format
 from ptuning_pl.config import ConfigError, check_config, config_dir
-from ptuning_pl.module import PrefixTuningModule
+from ptuning_pl.export import write_export
+from ptuning_pl.module import PrefixTuningModule, check_prefix_state
 from ptuning_pl.records import DataFileError, DataFileSpec, validate_files
 from ptuning_pl.run_record import write_run_record
 from ptuning_pl.versions import check_transformers_version
@@ -90,14 +91,36 @@ def backbone_spec(cfg: DictConfig) -> BackboneSpec:
     return BackboneSpec(**{key: cfg.model.get(key) for key in BACKBONE_SPEC_KEYS if cfg.model.get(key) is not None})
 
 
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`last` means the newest last*.ckpt of this run (hydra.run.dir=<the old run directory>)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    candidates = sorted((run_dir / "checkpoints").glob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not candidates:
+        raise ConfigError(
+            [f"ckpt_path=last but {run_dir / 'checkpoints'} has no last.ckpt: set hydra.run.dir to the run to resume"]
+        )
+    log.info("resuming from %s", candidates[-1])
+    return str(candidates[-1])
+
+
+def load_best_prefix(module: PrefixTuningModule, ckpt_path: str) -> None:
+    """Put the prefix of the best checkpoint into `module` (for the export when no test runs)."""
+    import torch
+
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    check_prefix_state(state, module.prefix_state_dict(), source=ckpt_path)
+    module.load_state_dict(state, strict=False)
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
-def write_metrics(metrics: dict[str, float], directory: Path) -> None:
-    path = directory / "metrics.json"
+def write_metrics(metrics: dict[str, float], directory: Path, name: str = "metrics.json") -> None:
+    path = directory / name
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("metrics written to %s", path)
 
@@ -132,20 +155,46 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if rank_zero_only.rank == 0:
         write_run_record(cfg, output_dir(cfg))
 
+    resolved_ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir(cfg))
+
+    if cfg.get("validate_before_training") and cfg.train:
+        # The baseline: the freshly initialised prefix (or the bare backbone with pre_seq_len=0), no step taken.
+        baseline = trainer.validate(module, datamodule=datamodule, verbose=False)
+        log.info("validation before training: %s", baseline[0] if baseline else {})
+        if trainer.is_global_zero:
+            write_metrics(
+                {name.replace("val/", "val_before_training/"): value for name, value in module.eval_metrics.items()},
+                output_dir(cfg),
+                name="metrics_before_training.json",
+            )
+        module.eval_metrics.clear()
+
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolved_ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback and cfg.train else ""
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback and cfg.train else ""
-        ckpt_path = best or (None if cfg.train else cfg.get("ckpt_path"))
+        ckpt_path = best or (None if cfg.train else resolved_ckpt_path)
         log.info("testing with %s", ckpt_path or "the current weights")
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
+    elif best:
+        load_best_prefix(module, best)
     metrics.update(module.eval_metrics)
 
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir(cfg))
+        if cfg.train and cfg.get("export", True) and module.prefix_encoder is not None:
+            write_export(
+                module,
+                output_dir(cfg) / "export",
+                config_yaml=(output_dir(cfg) / "config.yaml").read_text(encoding="utf-8"),
+                metrics=metrics,
+                command=" ".join(["python -m ptuning_pl.train", *HydraConfig.get().overrides.task])
+                if HydraConfig.initialized()
+                else None,
+            )
     return metrics
 
 
