@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -107,7 +108,8 @@ def test_config_errors_are_reported_together(tmp_path):
     with pytest.raises(ConfigError) as caught:
         check_config(cfg)
     problems = caught.value.problems
-    assert len(problems) == 6
+    # Six bad values; the unknown family also cannot use the tiny backbone of the default model config.
+    assert len(problems) == 7
     message = str(caught.value)
     assert "model.prefix.pre_seq_len=0 leaves nothing to train" in message
     assert "data.max_source_length=-3 is invalid" in message
@@ -115,6 +117,28 @@ def test_config_errors_are_reported_together(tmp_path):
     assert "optim.lr=0 is invalid" in message
     assert "trainer.precision=bf16-true" in message
     assert "model.dtype='int3' is unknown" in message
+    assert "model.family=llama-ish cannot use model.tiny" in message
+
+
+def test_unusable_paths_and_devices_reported(tmp_path):
+    cfg = compose_config(
+        tmp_path,
+        ["model=hf", f"model.path={tmp_path / 'missing-model'}", f"ckpt_path={tmp_path / 'x.ckpt'}", "trainer=gpu"],
+    )
+    with pytest.raises(ConfigError) as caught:
+        check_config(cfg)
+    message = str(caught.value)
+    assert f"model.path={tmp_path / 'missing-model'} does not exist" in message
+    assert f"ckpt_path={tmp_path / 'x.ckpt'} is not a file" in message
+    if not torch.cuda.is_available():
+        assert "trainer.accelerator=gpu but no CUDA device is visible" in message
+
+
+def test_prompt_budget_too_small_is_a_config_error(make_config):
+    cfg = make_config(["experiment=adgen_tiny", "data.max_source_length=3"])
+    with pytest.raises(ConfigError, match="raise data.max_source_length"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
 
 
 def test_pre_seq_len_zero_is_valid_for_evaluation(tmp_path):
@@ -124,7 +148,9 @@ def test_pre_seq_len_zero_is_valid_for_evaluation(tmp_path):
 
 def test_negative_pre_seq_len_rejected(tmp_path):
     cfg = compose_config(tmp_path, ["model.prefix.pre_seq_len=-1"])
-    with pytest.raises(ConfigError, match=r"model.prefix.pre_seq_len=-1 is invalid: expected an integer >= 0"):
+    with pytest.raises(
+        ConfigError, match=r"model.prefix.pre_seq_len=-1 is invalid: expected an integer >= 0"
+    ):
         check_config(cfg)
 
 

@@ -187,6 +187,15 @@ def test_length_grouped_sampler_covers_each_example_once_and_groups():
     assert list(sampler) != batches
 
 
+def test_lightning_sets_sampler_epoch():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = LengthGroupedBatchSampler(list(range(20)), 4, seed=0)
+    _set_sampler_epoch(DataLoader(list(range(20)), batch_sampler=sampler), 3)
+    assert sampler.epoch == 3
+
+
 def test_length_grouped_sampler_shards_and_skips():
     lengths = list(range(50))
     ranks = [LengthGroupedBatchSampler(lengths, 4, seed=0, num_replicas=2, rank=r) for r in (0, 1)]

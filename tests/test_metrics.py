@@ -22,7 +22,7 @@ from ptuning_pl.metrics import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ADGEN_DEV = REPO_ROOT.parent / "shared" / "data" / "adgen" / "dev.json"
+from conftest import ADGEN_DEV  # noqa: E402
 
 TOLERANCE = 1e-4
 

@@ -15,7 +15,7 @@ from ptuning_pl.sample_data import sample_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The real ADGEN development split is present beside the repository on development machines only.
-ADGEN_DEV = REPO_ROOT.parent / "shared" / "data" / "adgen" / "dev.json"
+from conftest import ADGEN_DEV  # noqa: E402
 
 
 def write_file(directory: Path, name: str, content: str | bytes) -> Path:

@@ -85,8 +85,9 @@ def write_records(path: Path, count: int) -> Path:
     return path
 
 
-def test_resume_mid_epoch_matches_uninterrupted_run(make_config, tmp_path):
-    """Resuming after step 5 (inside epoch 0 of 8 batches) ends with the uninterrupted run's prefix."""
+@pytest.mark.parametrize("resume_step", [5, 10])
+def test_resume_mid_epoch_matches_uninterrupted_run(make_config, tmp_path, resume_step):
+    """Resuming after step 5 (epoch 0) or 10 (epoch 1) of 9-batch epochs ends with the uninterrupted prefix."""
     data = write_records(tmp_path / "train.json", 30)
     common = [
         "experiment=adgen_tiny",
@@ -95,7 +96,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(make_config, tmp_path):
         "data.test_file=null",
         "data.split=[0.9,0.1,0.0]",
         "data.batch_size=3",
-        "trainer.max_steps=14",
+        "trainer.max_steps=20",
         "trainer.val_check_interval=4",
         "test=false",
         "model.prefix.dropout=0.3",
@@ -105,10 +106,10 @@ def test_resume_mid_epoch_matches_uninterrupted_run(make_config, tmp_path):
     ]
     train(make_config(common, name="full"))
     full_dir = tmp_path / "full"
-    step5 = full_dir / "checkpoints" / "step000005.ckpt"
-    assert step5.is_file()
+    checkpoint = full_dir / "checkpoints" / f"step{resume_step:06d}.ckpt"
+    assert checkpoint.is_file()
 
-    resumed_cfg = make_config([*common, f"model.path={full_dir / 'backbone'}", f"ckpt_path={step5}"], name="resumed")
+    resumed_cfg = make_config([*common, f"model.path={full_dir / 'backbone'}", f"ckpt_path={checkpoint}"], name="resumed")
     train(resumed_cfg)
 
     final_full = prefix_of(full_dir / "checkpoints" / "last.ckpt")
@@ -117,10 +118,10 @@ def test_resume_mid_epoch_matches_uninterrupted_run(make_config, tmp_path):
     for name in final_full:
         assert torch.equal(final_full[name], final_resumed[name]), name
 
-    # The resumed run logs the same training losses after step 5 as the uninterrupted one.
+    # The resumed run logs the same training losses after the resume step as the uninterrupted one.
     full_losses = dict(read_losses(full_dir, "train/loss"))
     resumed_losses = dict(read_losses(tmp_path / "resumed", "train/loss"))
-    assert resumed_losses and min(resumed_losses) >= 5
+    assert resumed_losses and min(resumed_losses) >= resume_step
     for step, loss in resumed_losses.items():
         assert loss == full_losses[step], step
 

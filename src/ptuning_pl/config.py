@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -43,6 +44,11 @@ class ConfigError(ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {problem}" for problem in self.problems)
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+def looks_local(path: str) -> bool:
+    """True for a filesystem path; a hub id is exactly `owner/name`."""
+    return path.startswith((".", "/", "~")) or path.count("/") != 1
 
 
 def missing_keys(cfg: DictConfig) -> list[str]:
@@ -98,6 +104,14 @@ def check_config(cfg: DictConfig) -> None:
     path = _get(cfg, "model.path", problems)
     if path is None and not OmegaConf.select(cfg, "model.tiny"):
         problems.append("model.path is not set: give a hub id or a local folder, e.g. model.path=THUDM/glm-4-9b-chat-hf")
+
+    if OmegaConf.select(cfg, "model.tiny") and family not in (None, "hf"):
+        problems.append(
+            f"model.family={family} cannot use model.tiny, which builds a transformers GLM: "
+            "set model.family=hf, or choose a model config such as model=chatglm_6b with model.path=..."
+        )
+    if isinstance(path, str) and looks_local(path) and not Path(path).expanduser().exists():
+        problems.append(f"model.path={path} does not exist: give an existing folder or a hub id such as owner/name")
 
     dtype = _get(cfg, "model.dtype", problems)
     if dtype is not None and str(dtype).lower() not in DTYPES:
@@ -156,6 +170,16 @@ def check_config(cfg: DictConfig) -> None:
             "mode, and set the backbone's dtype with model.dtype"
         )
     _check_int(cfg, "trainer.accumulate_grad_batches", problems, minimum=1)
+    accelerator = str(_get(cfg, "trainer.accelerator", problems))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(
+            f"trainer.accelerator={accelerator} but no CUDA device is visible: use trainer=cpu, or check the "
+            "driver and CUDA_VISIBLE_DEVICES"
+        )
+
+    ckpt_path = _get(cfg, "ckpt_path", problems)
+    if ckpt_path not in (None, "last") and not Path(str(ckpt_path)).is_file():
+        problems.append(f"ckpt_path={ckpt_path} is not a file: give a .ckpt path, or ckpt_path=last to resume this run")
 
     if problems:
         raise ConfigError(problems)

@@ -291,6 +291,9 @@ class AdgenDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_sampler=batch_sampler,
+            # A generator of its own: creating an iterator draws worker seeds from it instead of from the
+            # global generator, so prefix dropout draws the same numbers whether or not a run was resumed.
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
             collate_fn=Collator(self.prompt_format.pad_token_id, padding_side),
             num_workers=self.num_workers,
             pin_memory=pin_memory,

@@ -63,6 +63,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     problems = [f"{key} is required but not set: give it on the command line, e.g. {key}=..." for key in missing_keys(cfg)]
     if bool(cfg.get("ckpt_path")) == bool(cfg.get("export_dir")):
         problems.append("set exactly one of ckpt_path=RUN/checkpoints/X.ckpt and export_dir=EXPORT_DIR")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        problems.append(f"ckpt_path={cfg.ckpt_path} is not a file: give a .ckpt written by ptuning_pl.train")
     if problems:
         raise ConfigError(problems)
 

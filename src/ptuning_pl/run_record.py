@@ -46,7 +46,8 @@ def write_run_record(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:
 
     record = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": [sys.executable, *sys.argv],
+        # orig_argv keeps "-m ptuning_pl.train" where argv has the module's file path.
+        "command": list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
         "cwd": os.getcwd(),
         "host": socket.gethostname(),
         "python": platform.python_version(),

@@ -51,6 +51,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> LengthGroupedBatchSampler:
+        # Lightning calls set_epoch on `dataloader.batch_sampler.sampler` at the start of every epoch
+        # (lightning.fabric.utilities.data._set_sampler_epoch, 2.6); pointing it here makes each epoch reshuffle.
+        return self
+
     def skip_batches(self, epoch: int, count: int) -> None:
         """Make the iteration over `epoch` start after its first `count` batches (for exact resume)."""
         self.epoch = epoch

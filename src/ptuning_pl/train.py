@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ptuning_pl.backbones import BackboneSpec, load_tokenizer_and_format
 from ptuning_pl.config import ConfigError, check_config, config_dir
 from ptuning_pl.export import write_export
 from ptuning_pl.module import PrefixTuningModule, check_prefix_state
+from ptuning_pl.prompts import PromptTooLongError
 from ptuning_pl.records import DataFileError, DataFileSpec, validate_files
 from ptuning_pl.run_record import write_run_record
 from ptuning_pl.versions import check_transformers_version
@@ -91,6 +93,19 @@ def backbone_spec(cfg: DictConfig) -> BackboneSpec:
     return BackboneSpec(**{key: cfg.model.get(key) for key in BACKBONE_SPEC_KEYS if cfg.model.get(key) is not None})
 
 
+def keep_previous_outputs(run_dir: Path) -> None:
+    """Move the files a resumed run would overwrite into <run_dir>/previous/<time>/ (nothing is lost)."""
+    names = ["csv/metrics.csv", "csv/hparams.yaml", "run_record.json", "config.yaml", "metrics.json"]
+    existing = [name for name in names if (run_dir / name).is_file()]
+    if not existing:
+        return
+    target = run_dir / "previous" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for name in existing:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).rename(target / name)
+    log.info("kept the earlier run's %s in %s", ", ".join(existing), target)
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     """`last` means the newest last*.ckpt of this run (hydra.run.dir=<the old run directory>)."""
     if ckpt_path != "last":
@@ -127,6 +142,9 @@ def write_metrics(metrics: dict[str, float], directory: Path, name: str = "metri
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (and optionally test) a prefix as `cfg` says; return the final metrics as floats."""
+    if rank_zero_only.rank != 0:
+        # Every rank runs this function; only rank 0 reports progress.
+        logging.getLogger("ptuning_pl").setLevel(logging.WARNING)
     check_transformers_version()
     check_config(cfg)
     validate_data_files(cfg)
@@ -138,9 +156,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     prepare_backbone_path(cfg, datamodule)
 
     spec = backbone_spec(cfg)
-    _, prompt_format = load_tokenizer_and_format(spec)
+    try:
+        _, prompt_format = load_tokenizer_and_format(spec)
+    except (OSError, ValueError) as error:
+        raise ConfigError([f"model.path={spec.path}: the tokenizer could not be loaded ({error})"]) from error
     datamodule.prompt_format = prompt_format
     log.info("backbone %s (family %s), prompt format %s", spec.path, spec.family, prompt_format.name)
+
+    # Encode every split now (once), so a budget too small for the prompt template fails before the model loads.
+    try:
+        datamodule.setup("fit")
+    except PromptTooLongError as error:
+        raise ConfigError([str(error)]) from error
 
     module = PrefixTuningModule(
         backbone=vars(spec),
@@ -153,6 +180,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     if rank_zero_only.rank == 0:
+        if cfg.get("ckpt_path"):
+            keep_previous_outputs(output_dir(cfg))
         write_run_record(cfg, output_dir(cfg))
 
     resolved_ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir(cfg))

@@ -85,8 +85,11 @@ def build_tiny_glm(
         tie_word_embeddings=False,
         initializer_range=initializer_range,
     )
-    torch.manual_seed(seed)
-    model = GlmForCausalLM(config)
+    # Its own seed, without touching the global generator: a run that writes the backbone and one that
+    # reloads it must draw the same prefix initialisation afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GlmForCausalLM(config)
     model.generation_config.pad_token_id = eos_id
     return model
 
