@@ -243,3 +243,25 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     for step, loss in resumed_losses.items():
         assert loss == reference_losses[step], step
     assert max(resumed_losses) == max(reference_losses)
+
+
+def test_failed_checkpoint_write_keeps_previous_last(make_config, tmp_path, monkeypatch):
+    """A crash while writing last.ckpt leaves the previous file complete (Lightning writes through a temp file)."""
+    import fsspec.implementations.local as local_fs
+
+    cfg = make_config(["experiment=adgen_tiny", "trainer.max_steps=4", "trainer.val_check_interval=4", "test=false",
+                       "export=false", "evaluation.val_examples=0"])
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+
+    def broken_write(self, data):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(local_fs.LocalFileOpener, "write", broken_write)
+    with pytest.raises(OSError, match="simulated"):
+        _atomic_save({"state_dict": {"prefix_encoder.embedding.weight": torch.zeros(2)}}, last)
+    assert last.read_bytes() == before
+    assert "prefix_encoder.embedding.weight" in torch.load(last, weights_only=True)["state_dict"]
