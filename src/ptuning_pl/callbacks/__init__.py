@@ -1,5 +1,6 @@
 """Callbacks of ptuning-pl; each is built from a `_target_` entry in conf/callbacks/."""
 
+from ptuning_pl.callbacks.hub_push import HubPushCallback
 from ptuning_pl.callbacks.resume import ExactResume
 
-__all__ = ["ExactResume"]
+__all__ = ["ExactResume", "HubPushCallback"]
