@@ -211,6 +211,7 @@ def test_converted_folder_loads_as_transformers_model(tmp_path, backbone, golden
     assert names == ["chatglm_conversion.json", "config.json", "generation_config.json", "model.safetensors"]
     record = load_json(target / "chatglm_conversion.json")
     assert record["source"] == str(fixture_dir(version))
+    assert record["folder"] == str(fixture_dir(version))
     assert record["original_config"]["model_type"] == "chatglm"
     assert load_json(target / "config.json")["model_type"] == "glm"
 

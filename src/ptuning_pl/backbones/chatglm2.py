@@ -395,9 +395,10 @@ def save_converted(
 ) -> Path:
     """Convert an original ChatGLM2/ChatGLM3 checkpoint once and write it as a transformers GLM folder.
 
-    The folder gets the `GlmConfig`, safetensors weights (in `dtype`; None keeps the stored dtype, which for
+    The folder gets the `GlmConfig`, safetensors weights in `dtype` (None keeps the stored dtype, which for
     the released fp16 weights is lossless), the tokenizer files when the source has them, and
-    `chatglm_conversion.json` with the source, revision and original config. Returns the folder.
+    `chatglm_conversion.json` with the source, revision, local folder and original config. Returns the
+    folder.
     """
     source = resolve_folder(path, revision, HUB_MODEL_PATTERNS + HUB_TOKENIZER_PATTERNS[1:])
     original = read_model_config(source)
@@ -411,7 +412,8 @@ def save_converted(
     for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
-    record = {"source": str(path), "revision": revision, "original_config": original}
+    # For a Hub id, the snapshot folder name is the commit that was converted.
+    record = {"source": str(path), "revision": revision, "folder": str(source), "original_config": original}
     (target / CONVERSION_RECORD_FILE).write_text(
         json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
@@ -477,10 +479,11 @@ def enable_prefix_gradient_checkpointing(model: PreTrainedModel) -> int:
     """Recompute every decoder layer in backward while keeping the past keys and values; return the count.
 
     transformers' own layer checkpointing (5.25) runs only in training mode and then drops the cache, which
-    contains the prefix, while the frozen backbone stays in eval mode. Instead each layer's `forward` is wrapped in
-    `torch.utils.checkpoint.checkpoint(use_reentrant=False)` with its past keys and values as tensor inputs.
-    The wrapper does nothing without gradients (generation). It fits any decoder whose attention calls
-    `cache.update(keys, values, layer_idx)` with a `DynamicCache`, as transformers' Llama-style models do.
+    contains the prefix, while the frozen backbone stays in eval mode. Instead each layer's `forward` is
+    wrapped in `torch.utils.checkpoint.checkpoint(use_reentrant=False)` with its past keys and values as
+    tensor inputs. The wrapper does nothing without gradients (generation). It fits any decoder whose
+    attention calls `cache.update(keys, values, layer_idx)` with a `DynamicCache`, as transformers'
+    Llama-style models do.
     """
     layers = model.get_decoder().layers
     for index, layer in enumerate(layers):
