@@ -10,7 +10,7 @@ The embeddings and the output layer stay in the compute dtype, as in ChatGLM2's 
 replaces only the decoder layers' linear layers. Only frozen weights are stored quantized: the key/value cache
 and the prefix keep their dtype, and the prefix encoder stays fp32. Gradients reach the prefix through the
 quantized layers, whose backward uses the dequantized weights. Weights are quantized on the device they are
-on, and a later `.to(device)` moves the quantized weights.
+on, or on `device` when it is given.
 
 bitsandbytes 0.50.2 runs both formats on CPU and CUDA. On CPU its INT8 layer multiplies by the dequantized
 weights; on CUDA LLM.int8() also quantizes the activations (except the outlier features) to int8.
@@ -19,8 +19,9 @@ bitsandbytes 0.50.2, when first imported on a CPU with AVX512-BF16 and with the 
 looks up a CPU kernel on the Hugging Face Hub. `import_bitsandbytes` imports it with the Hub in offline mode,
 so it uses a cached kernel or its built-in CPU code and never reaches the network.
 
-NOTE: bitsandbytes repacks a 4-bit weight for the CPU the first time the layer runs on a CPU with AVX512-BF16
-in eval mode without gradients. Quantize on the device that runs the model rather than moving it afterwards.
+NOTE: quantize on the device that runs the model. Moving quantized layers later through a parent module's
+`.to()` is untested: bitsandbytes keeps int8 scales beside the weight, and it repacks a 4-bit weight for the
+CPU once the layer has run there in eval mode without gradients (on CPUs with AVX512-BF16).
 """
 
 from __future__ import annotations
@@ -123,10 +124,17 @@ def quantize_linear_layers(model: nn.Module, bits: int, skip: Iterable[str] = ()
     return [name for name, _ in targets]
 
 
-def quantize_backbone(backbone: Backbone, bits: int | None) -> Backbone:
-    """Quantize the linear layers of `backbone.model` in place to 4 or 8 `bits`; None leaves it unchanged."""
+def quantize_backbone(
+    backbone: Backbone, bits: int | None, device: str | torch.device | None = None
+) -> Backbone:
+    """Quantize the linear layers of `backbone.model` in place to 4 or 8 `bits`; None leaves it unchanged.
+
+    With `device`, the model moves there first, so the quantized weights are created on that device.
+    """
     if bits is None:
         return backbone
+    if device is not None:
+        backbone.model.to(device)
     with torch.no_grad():
         names = quantize_linear_layers(backbone.model, bits)
     backbone.model.requires_grad_(False)
