@@ -24,6 +24,10 @@ from ptuning_pl.backbones.chatglm2 import load_chatglm2_backbone
 from ptuning_pl.quantization import import_bitsandbytes, quantize_backbone, quantize_linear_layers
 from test_chatglm2_model import fixture_dir, make_prefix_encoder, shifted_loss, train_forward
 
+# bitsandbytes 0.50.2 calls torch.compile at import, which imports torch.utils.mkldnn, and torch 2.13 reports
+# that module's TorchScript decorator as deprecated.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 BITS = (8, 4)
 DEQUANTIZED_TOLERANCE = 1e-4
 INT8_RELATIVE_ERROR = 0.03
