@@ -153,7 +153,8 @@ def write_export(
             staging.rename(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("exported the prefix to %s", output_dir)
+    size = sum(path.stat().st_size for path in output_dir.iterdir() if path.is_file())
+    log.info("exported the prefix to %s (%.1f KB)", output_dir, size / 1024)
     return output_dir
 
 

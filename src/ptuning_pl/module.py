@@ -31,6 +31,8 @@ from ptuning_pl.prompts import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 PREFIX_MODULE = "prefix_encoder"
+#: Validation examples per sample table sent to loggers such as W&B.
+SAMPLE_ROWS = 8
 
 
 def is_prefix_key(name: str) -> bool:
@@ -40,6 +42,20 @@ def is_prefix_key(name: str) -> bool:
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint's prefix keys or shapes do not match the configured prefix."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN or infinite loss or gradient."""
+
+
+@dataclass
+class GuardConfig:
+    """Protection against NaN and infinite losses."""
+
+    #: Stop the run after this many consecutive optimizer steps with a non-finite loss or gradient.
+    max_consecutive_nonfinite: int = 3
+    #: Debug: make the loss NaN at these optimizer steps (0-based), to test the guard and sweeps.
+    inject_nonfinite_at_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -87,6 +103,7 @@ class PrefixTuningModule(pl.LightningModule):
         prefix: dict[str, Any],
         optim: dict[str, Any],
         evaluation: dict[str, Any] | None = None,
+        guard: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -95,6 +112,10 @@ class PrefixTuningModule(pl.LightningModule):
         self.optim_config = dict(optim)
         self.evaluation = EvaluationConfig(**(evaluation or {}))
         self.generation_settings = self.evaluation.settings()
+        self.guard = GuardConfig(**(guard or {}))
+        self.nonfinite_steps = 0
+        self._consecutive_nonfinite = 0
+        self._nonfinite_in_step: torch.Tensor | None = None
 
         self.backbone: Backbone | None = None
         self.prompt_format: PromptFormat | None = None
@@ -105,6 +126,7 @@ class PrefixTuningModule(pl.LightningModule):
         self.eval_loss_tokens = SumMetric()
         self.eval_scores = AdgenMetric()
         self._test_rows: list[dict[str, Any]] = []
+        self._val_samples: list[dict[str, Any]] = []
         #: The latest evaluation metrics in full precision (Lightning's logged copies are float32).
         self.eval_metrics: dict[str, float] = {}
         # Checkpoints hold the prefix only; on_load_checkpoint checks those keys strictly instead.
@@ -196,6 +218,12 @@ class PrefixTuningModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self.token_losses(batch)
         loss = loss_sum / count.clamp(min=1)
+        if self.global_step in self.guard.inject_nonfinite_at_steps:
+            loss = loss * float("nan")
+
+        # Collected on the device; on_before_optimizer_step reads it with the gradients in one synchronisation.
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite_in_step = bad if self._nonfinite_in_step is None else self._nonfinite_in_step | bad
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
@@ -256,7 +284,9 @@ class PrefixTuningModule(pl.LightningModule):
         self._update_loss(batch)
         if self.evaluation.val_examples > 0:
             rows = [row for row, position in enumerate(batch["position"].tolist()) if position < self.evaluation.val_examples]
-            self._evaluate_batch(batch, rows)
+            outputs = self._evaluate_batch(batch, rows)
+            # A few examples per validation for the loggers' sample tables (rank 0 logs them).
+            self._val_samples += outputs[: max(0, SAMPLE_ROWS - len(self._val_samples))]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._update_loss(batch)
@@ -264,6 +294,7 @@ class PrefixTuningModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._reset_eval_state()
+        self._val_samples = []
 
     def on_test_epoch_start(self) -> None:
         self._reset_eval_state()
@@ -292,6 +323,7 @@ class PrefixTuningModule(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         metrics = self._log_eval_metrics("val", scored=self.evaluation.val_examples > 0)
+        self._log_sample_table()
         if "val/count" in metrics:
             log.info(
                 "validation at step %d: loss %.4f, ROUGE-L %.2f, BLEU-4 %.2f over %d generated examples "
@@ -303,6 +335,17 @@ class PrefixTuningModule(pl.LightningModule):
                 metrics["val/count"],
                 metrics["val/empty_predictions"],
             )
+
+    def _log_sample_table(self) -> None:
+        """Log prompt, prediction and reference of a few validation examples to loggers that take tables."""
+        if not self._val_samples:
+            return
+        columns = ["step", "id", "prompt", "prediction", "reference"]
+        data = [[self.global_step, row["id"], row["prompt"], row["prediction"], row["reference"]] for row in self._val_samples]
+        for logger in self.loggers:
+            log_table = getattr(logger, "log_table", None)
+            if callable(log_table):
+                log_table(key="val/samples", columns=columns, data=data, step=self.global_step)
 
     def on_test_epoch_end(self) -> None:
         rows = gather_rows(self._test_rows)
@@ -327,6 +370,38 @@ class PrefixTuningModule(pl.LightningModule):
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         log.info("predictions written to %s", path)
         return path
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip the update (drop the gradients) when the loss or a gradient is NaN or infinite."""
+        gradients = [p.grad for name, p in self.named_parameters() if is_prefix_key(name) and p.grad is not None]
+        bad = torch.stack([~torch.isfinite(g).all() for g in gradients]).any() if gradients else torch.tensor(False)
+        if self._nonfinite_in_step is not None:
+            bad = bad | self._nonfinite_in_step.to(bad.device)
+        self._nonfinite_in_step = None
+
+        if not bool(bad):  # the one host synchronisation of the step
+            self._consecutive_nonfinite = 0
+            return
+
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.grad = None
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        log.warning(
+            "non-finite loss or gradient at step %d: update skipped (%d in a row, %d in total)",
+            self.global_step,
+            self._consecutive_nonfinite,
+            self.nonfinite_steps,
+        )
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
+        if self._consecutive_nonfinite >= self.guard.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._consecutive_nonfinite} optimizer steps in a row had a NaN or infinite loss or gradient "
+                f"(last at step {self.global_step}). Lower optim.lr (now {self.optim_config.get('lr')}), run "
+                "the backbone in bf16 or fp32 instead of fp16 (model.dtype=bfloat16), or check the data for "
+                "empty responses; training.max_consecutive_nonfinite sets how many bad steps are tolerated."
+            )
 
     def configure_optimizers(self):
         params = [p for name, p in self.named_parameters() if is_prefix_key(name)]

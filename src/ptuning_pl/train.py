@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from datetime import datetime
@@ -93,6 +94,24 @@ def backbone_spec(cfg: DictConfig) -> BackboneSpec:
     return BackboneSpec(**{key: cfg.model.get(key) for key in BACKBONE_SPEC_KEYS if cfg.model.get(key) is not None})
 
 
+def choose_wandb_mode() -> None:
+    """Log to W&B offline (no network at all) unless an API key is configured or WANDB_MODE is set."""
+    if os.environ.get("WANDB_MODE"):
+        return
+    netrc = Path.home() / ".netrc"
+    has_login = netrc.is_file() and "api.wandb.ai" in netrc.read_text(encoding="utf-8", errors="replace")
+    if not os.environ.get("WANDB_API_KEY") and not has_login:
+        os.environ["WANDB_MODE"] = "offline"
+        log.info("W&B: no API key configured, logging offline (sync later with `wandb sync`)")
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close this process's W&B run, if one was started, also when the job failed."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=exit_code)
+
+
 def keep_previous_outputs(run_dir: Path) -> None:
     """Move the files a resumed run would overwrite into <run_dir>/previous/<time>/ (nothing is lost)."""
     names = ["csv/metrics.csv", "csv/hparams.yaml", "run_record.json", "config.yaml", "metrics.json"]
@@ -174,8 +193,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         prefix=OmegaConf.to_container(cfg.model.prefix, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         evaluation=OmegaConf.to_container(cfg.evaluation, resolve=True),
+        guard=OmegaConf.to_container(cfg.training, resolve=True) if cfg.get("training") else None,
     )
     callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.get("logger") and "wandb" in cfg.logger:
+        choose_wandb_mode()
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -183,7 +205,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("ckpt_path"):
             keep_previous_outputs(output_dir(cfg))
         write_run_record(cfg, output_dir(cfg))
+        resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        for logger in loggers:
+            logger.log_hyperparams({"config": resolved})
 
+    try:
+        metrics = run_stages(cfg, trainer, module, datamodule)
+    except BaseException:
+        finish_wandb(exit_code=1)
+        raise
+    finish_wandb(exit_code=0)
+    return metrics
+
+
+def run_stages(cfg: DictConfig, trainer: pl.Trainer, module: PrefixTuningModule, datamodule) -> dict[str, float]:
+    """Validate before training (optional), fit, test, write metrics and the export."""
     resolved_ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir(cfg))
 
     if cfg.get("validate_before_training") and cfg.train:
@@ -235,6 +271,10 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", error)
         if HydraConfig.get().mode.name == "RUN":
             sys.exit(2)
+        raise
+    except Exception:
+        # Into this job's own log file, so a failed sweep point keeps its traceback beside its outputs.
+        log.exception("training failed")
         raise
     metric_name = cfg.get("optimized_metric")
     return metrics.get(metric_name) if metric_name else None
