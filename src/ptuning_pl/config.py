@@ -117,6 +117,10 @@ def check_config(cfg: DictConfig) -> None:
     if dtype is not None and str(dtype).lower() not in DTYPES:
         problems.append(f"model.dtype={dtype!r} is unknown: expected one of {', '.join(sorted(DTYPES))}")
 
+    quantization_bit = OmegaConf.select(cfg, "model.quantization_bit")
+    if quantization_bit not in (None, 4, 8):
+        problems.append(f"model.quantization_bit={quantization_bit!r} is invalid: expected 4, 8 or null")
+
     prompt_format = _get(cfg, "model.prompt_format", problems)
     if prompt_format not in (None, "auto", "chat_template", "plain"):
         problems.append(f"model.prompt_format={prompt_format!r} is unknown: expected auto, chat_template or plain")

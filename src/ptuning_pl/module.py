@@ -141,7 +141,14 @@ class PrefixTuningModule(pl.LightningModule):
         """Load the frozen backbone and build the prefix encoder (once; the Trainer calls this)."""
         if self.backbone is not None:
             return
-        backbone = load_backbone(self.spec)
+        # Quantized layers are built on the device they run on; others load on the CPU and move with the module.
+        device = None
+        if self.spec.quantization_bit is not None:
+            try:
+                device = self.trainer.strategy.root_device
+            except RuntimeError:  # not attached to a Trainer (notebooks): quantize on the CPU
+                device = None
+        backbone = load_backbone(self.spec, device=device)
         _, self.prompt_format = load_tokenizer_and_format(self.spec)
         backbone.model.requires_grad_(False)
         backbone.model.eval()

@@ -65,6 +65,9 @@ def import_bitsandbytes() -> ModuleType:
     return bitsandbytes
 
 
+INT4_BLOCK_SIZE = 64
+
+
 def _quantized_linear(bitsandbytes: ModuleType, linear: nn.Linear, bits: int) -> nn.Module:
     """Return a bitsandbytes copy of `linear`, quantized on the device of its weight."""
     weight = linear.weight.detach()
@@ -117,6 +120,18 @@ def quantize_linear_layers(model: nn.Module, bits: int, skip: Iterable[str] = ()
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name not in skipped and module is not output_embeddings
     ]
+    if bits == 4:
+        # NF4 quantizes the input dimension in blocks of 64; bitsandbytes 0.50.2's CPU kernel fails on a
+        # partial block, so such layers (only in toy models) stay unquantized.
+        partial = [name for name, module in targets if module.in_features % INT4_BLOCK_SIZE]
+        if partial:
+            logger.warning(
+                "%d linear layers keep their weights: their input width is not a multiple of %d (%s)",
+                len(partial),
+                INT4_BLOCK_SIZE,
+                ", ".join(partial[:4]),
+            )
+        targets = [(name, module) for name, module in targets if name not in partial]
     for name, linear in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -38,7 +38,16 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 # The ExactResume callback restores the position inside the epoch, which Lightning cannot see.
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
-BACKBONE_SPEC_KEYS = ("path", "family", "revision", "dtype", "trust_remote_code", "prompt_format", "gradient_checkpointing")
+BACKBONE_SPEC_KEYS = (
+    "path",
+    "family",
+    "revision",
+    "dtype",
+    "trust_remote_code",
+    "prompt_format",
+    "gradient_checkpointing",
+    "quantization_bit",
+)
 
 
 class DataFilesError(ValueError):
