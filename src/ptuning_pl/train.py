@@ -272,10 +272,54 @@ def run_stages(cfg: DictConfig, trainer: pl.Trainer, module: PrefixTuningModule,
     return metrics
 
 
+def launches_processes(cfg: DictConfig) -> bool:
+    """True when Lightning would re-run the command line for each rank (subprocess DDP on several devices)."""
+    trainer = cfg.trainer
+    strategy = trainer.get("strategy")
+    if strategy is None or isinstance(strategy, str) and not strategy.startswith("ddp"):
+        return False
+    if isinstance(strategy, str):
+        spawned = "spawn" in strategy
+    else:
+        spawned = strategy.get("start_method", "popen") != "popen"
+    devices = trainer.get("devices", 1)
+    several = (isinstance(devices, int) and devices > 1) or devices in ("auto", -1) or trainer.get("num_nodes", 1) > 1
+    return several and not spawned
+
+
+def train_in_subprocess(cfg: DictConfig) -> dict[str, float]:
+    """Run this sweep point as its own `python -m ptuning_pl.train` in RUN mode, into the point's folder.
+
+    Lightning's DDP launcher starts each rank by re-running the command line; inside a sweep that command line
+    is the whole sweep, so each rank would start the sweep again. A fresh process per point with only this
+    point's overrides avoids that, and also isolates every point's global state.
+    """
+    import subprocess
+
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
+    command = [
+        sys.executable,
+        "-m",
+        "ptuning_pl.train",
+        *hydra_config.overrides.task,
+        f"hydra.run.dir={run_dir}",
+        f"hydra.job.name={hydra_config.job.name}",
+    ]
+    log.info("sweep point with a multi-process trainer: running %s", " ".join(command))
+    result = subprocess.run(command, cwd=hydra_config.runtime.cwd)
+    if result.returncode != 0:
+        raise RuntimeError(f"sweep point {run_dir} failed with exit code {result.returncode}; see its log there")
+    return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+
+
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg)
+        if HydraConfig.get().mode.name == "MULTIRUN" and launches_processes(cfg):
+            metrics = train_in_subprocess(cfg)
+        else:
+            metrics = train(cfg)
     except (ConfigError, DataFilesError) as error:
         log.error("%s", error)
         if HydraConfig.get().mode.name == "RUN":
@@ -285,6 +329,15 @@ def main(cfg: DictConfig) -> float | None:
         # Into this job's own log file, so a failed sweep point keeps its traceback beside its outputs.
         log.exception("training failed")
         raise
+    finally:
+        # Release the model and cached memory before the next sweep point runs in this process.
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     metric_name = cfg.get("optimized_metric")
     return metrics.get(metric_name) if metric_name else None
 
