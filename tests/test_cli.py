@@ -65,3 +65,41 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["val/loss"] > 0
     # No second run folder: Lightning re-launches rank 1 into the same Hydra run directory.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ddp"]
+
+
+def test_ddp_training_matches_single_process(tmp_path):
+    """Two ranks with batch 4 each train like one process with batch 8 (prefix dropout off).
+
+    Rank r takes the r-th half of every global batch and the loss is normalised by the global token count,
+    so the averaged gradients are the single-process gradients up to summation order. Dropout is off because
+    each rank draws its own dropout masks.
+    """
+    import torch
+
+    common = [
+        "experiment=adgen_tiny", "trainer.max_steps=6", "trainer.val_check_interval=3", "model.prefix.dropout=0",
+        "evaluation.val_examples=6", "evaluation.max_new_tokens=8", "callbacks.progress_bar=null",
+    ]
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    single = run_cli([*common, "data.batch_size=8", f"hydra.run.dir={single_dir}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_cli(
+        [*common, "data.batch_size=4", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         f"model.path={single_dir / 'backbone'}", f"hydra.run.dir={ddp_dir}"]
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    single_prefix = torch.load(single_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    ddp_prefix = torch.load(ddp_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for name in single_prefix:
+        torch.testing.assert_close(ddp_prefix[name], single_prefix[name], rtol=0, atol=1e-5)
+
+    single_metrics = json.loads((single_dir / "metrics.json").read_text())
+    ddp_metrics = json.loads((ddp_dir / "metrics.json").read_text())
+    for name in ("train/loss", "val/loss", "test/loss"):
+        assert ddp_metrics[name] == pytest.approx(single_metrics[name], rel=1e-5), name
+    for name in ("val/rouge-l", "val/bleu-4", "test/rouge-1", "test/rouge-l", "test/bleu-4", "test/count"):
+        assert ddp_metrics[name] == pytest.approx(single_metrics[name], abs=1e-6), name
+    assert (ddp_dir / "predictions" / "test_generated_predictions.jsonl").read_text() == (
+        single_dir / "predictions" / "test_generated_predictions.jsonl"
+    ).read_text()

@@ -224,15 +224,26 @@ class PrefixTuningModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self.token_losses(batch)
-        loss = loss_sum / count.clamp(min=1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Normalise by the supervised tokens of the whole global batch: DDP then averages gradients into
+            # exactly the token mean one process computes on that batch. One scalar pair per micro-step.
+            totals = torch.stack([loss_sum.detach(), count.to(loss_sum.dtype)])
+            dist.all_reduce(totals)
+            world = dist.get_world_size()
+            loss = loss_sum * world / totals[1].clamp(min=1)
+            logged_loss = totals[0] / totals[1].clamp(min=1)
+        else:
+            loss = loss_sum / count.clamp(min=1)
+            logged_loss = loss.detach()
         if self.global_step in self.guard.inject_nonfinite_at_steps:
             loss = loss * float("nan")
+            logged_loss = logged_loss * float("nan")
 
         # Collected on the device; on_before_optimizer_step reads it with the gradients in one synchronisation.
         bad = ~torch.isfinite(loss.detach())
         self._nonfinite_in_step = bad if self._nonfinite_in_step is None else self._nonfinite_in_step | bad
         batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", logged_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
         return loss
 

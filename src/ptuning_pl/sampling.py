@@ -20,8 +20,9 @@ from torch.utils.data import Sampler
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Random batches of similar-length examples, the same order on every rank for a given seed and epoch.
 
-    With several ranks, each epoch's batches are dealt out round-robin and the last incomplete round is
-    dropped, so every rank runs the same number of steps.
+    With several ranks the sampler forms global batches of `batch_size * num_replicas` examples, exactly as one
+    process with that batch size would, and rank r takes the r-th slice of each. An incomplete last global
+    batch is dropped, so every rank runs the same number of steps.
     """
 
     def __init__(
@@ -42,7 +43,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.shuffle = shuffle
         self.group_by_length = group_by_length
-        self.window = batch_size * window_batches
+        # Windows are counted in global batches, so one process and several ranks group alike.
+        self.window = batch_size * num_replicas * window_batches
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
@@ -62,7 +64,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
         self._skip_batches = count
 
-    def _all_batches(self) -> list[list[int]]:
+    def _all_batches(self, batch_size: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         count = len(self.lengths)
         order = torch.randperm(count, generator=generator).tolist() if self.shuffle else list(range(count))
@@ -71,16 +73,22 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             windows = [order[start : start + self.window] for start in range(0, count, self.window)]
             order = [i for window in windows for i in sorted(window, key=lambda i: -self.lengths[i])]
 
-        batches = [order[start : start + self.batch_size] for start in range(0, count, self.batch_size)]
+        batches = [order[start : start + batch_size] for start in range(0, count, batch_size)]
         if self.shuffle and self.group_by_length:
             permutation = torch.randperm(len(batches), generator=generator).tolist()
             batches = [batches[i] for i in permutation]
         return batches
 
     def _rank_batches(self) -> list[list[int]]:
-        batches = self._all_batches()
-        per_rank = len(batches) // self.num_replicas if self.num_replicas > 1 else len(batches)
-        return batches[self.rank :: self.num_replicas][:per_rank]
+        if self.num_replicas == 1:
+            return self._all_batches(self.batch_size)
+        global_size = self.batch_size * self.num_replicas
+        slice_start = self.rank * self.batch_size
+        return [
+            batch[slice_start : slice_start + self.batch_size]
+            for batch in self._all_batches(global_size)
+            if len(batch) == global_size
+        ]
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._rank_batches()
@@ -88,8 +96,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from batches[skip:]
 
     def __len__(self) -> int:
-        total = math.ceil(len(self.lengths) / self.batch_size)
-        return total // self.num_replicas if self.num_replicas > 1 else total
+        if self.num_replicas > 1:
+            return len(self.lengths) // (self.batch_size * self.num_replicas)
+        return math.ceil(len(self.lengths) / self.batch_size)
 
 
 class EvalBatchSampler(Sampler[list[int]]):
