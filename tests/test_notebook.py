@@ -10,11 +10,6 @@ import pytest
 from conftest import REPO_ROOT
 
 nbformat = pytest.importorskip("nbformat", reason="nbformat is a dev dependency (pip install -e '.[dev]')")
-nbclient = pytest.importorskip("nbclient", reason="nbclient is a dev dependency (pip install -e '.[dev]')")
-pytest.importorskip("ipykernel", reason="ipykernel is a dev dependency (pip install -e '.[dev]')")
-pytest.importorskip("matplotlib", reason="matplotlib is a dev dependency (pip install -e '.[dev]')")
-
-pytestmark = pytest.mark.slow
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "quickstart.ipynb"
 
@@ -42,10 +37,16 @@ def test_notebook_is_committed_without_outputs():
             assert cell.execution_count is None, f"cell {index} has an execution count"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
-    # The kernel inherits this environment; without MPLBACKEND it uses the inline backend, which needs no
-    # display and sends figures back as PNG outputs.
+    nbclient = pytest.importorskip("nbclient", reason="nbclient is a dev dependency (pip install -e '.[dev]')")
+    pytest.importorskip("ipykernel", reason="ipykernel is a dev dependency (pip install -e '.[dev]')")
+    pytest.importorskip("matplotlib", reason="matplotlib is a dev dependency (pip install -e '.[dev]')")
+
+    # The kernel inherits this environment. Without MPLBACKEND it uses the inline backend, which needs no
+    # display and sends figures back as PNG outputs. TMPDIR puts the notebook's run folder under tmp_path.
     monkeypatch.delenv("MPLBACKEND", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     notebook.cells.insert(0, nbformat.v4.new_code_cell(INTERPRETER_PROBE))
 
@@ -70,6 +71,11 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
         errors = [output for output in cell.outputs if output.output_type == "error"]
         assert errors == [], f"cell {index} raised {errors[0].ename}: {errors[0].evalue}"
         assert cell.execution_count is not None, f"cell {index} did not run"
+
+    run_folders = list(tmp_path.glob("ptuning-quickstart-*"))
+    assert len(run_folders) == 1, run_folders
+    assert (run_folders[0] / "export" / "prefix.safetensors").is_file()
+    assert (run_folders[0] / "csv" / "metrics.csv").is_file()
 
     train_results = [output for output in cell_with_tag(notebook, "train").outputs
                      if output.output_type == "execute_result"]
