@@ -134,6 +134,7 @@ class AdgenDataModule(pl.LightningDataModule):
         prompt_column: str = "content",
         response_column: str = "summary",
         history_column: str | None = None,
+        messages_column: str | None = None,
         max_source_length: int = 64,
         max_target_length: int = 64,
         batch_size: int = 16,
@@ -152,6 +153,7 @@ class AdgenDataModule(pl.LightningDataModule):
         self.prompt_column = prompt_column
         self.response_column = response_column
         self.history_column = history_column
+        self.messages_column = messages_column
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
         self.batch_size = batch_size
@@ -184,6 +186,7 @@ class AdgenDataModule(pl.LightningDataModule):
                 history_column=self.history_column,
                 require_response=require_response,
                 split_name=split,
+                messages_column=self.messages_column,
             )
 
         records: dict[str, list[Record]] = {}
@@ -214,6 +217,7 @@ class AdgenDataModule(pl.LightningDataModule):
             texts.append(record.response or "")
             for query, answer in record.history:
                 texts += [query, answer]
+            texts += [content for _, content in record.messages]
         return texts
 
     # ---------------------------------------------------------------------------------------------- encoding
@@ -246,10 +250,18 @@ class AdgenDataModule(pl.LightningDataModule):
             log.warning("%s: dropped records (0-based index) %s", split, stats.dropped[:20])
         return EncodedDataset(items)
 
+    def _conversation(self, record: Record) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in record.messages]
+
     def _encode_train(self, record: Record, stats: EncodingStats) -> dict[str, Any] | None:
-        encoded = self.prompt_format.encode_train(
-            record.prompt, record.response, record.history, self.max_source_length, self.max_target_length
-        )
+        if record.messages:
+            # The reference budget of a whole conversation: source + target + 1 tokens, cut from the right.
+            budget = self.max_source_length + self.max_target_length + 1
+            encoded = self.prompt_format.encode_messages(self._conversation(record), budget)
+        else:
+            encoded = self.prompt_format.encode_train(
+                record.prompt, record.response, record.history, self.max_source_length, self.max_target_length
+            )
         stats.prompts_truncated += encoded.prompt_truncated
         stats.responses_truncated += encoded.response_truncated
         if all(label == IGNORE_INDEX for label in encoded.labels):
@@ -261,6 +273,8 @@ class AdgenDataModule(pl.LightningDataModule):
 
         A record without a response (allowed in test files) gets no loss: its labels are all -100.
         """
+        if record.messages:
+            return self._encode_eval_messages(record, stats)
         prompt = self.prompt_format.encode_prompt(record.prompt, record.history, self.max_source_length)
         stats.prompts_truncated += prompt.prompt_truncated
         item = {"prompt_ids": prompt.input_ids, "prompt": record.prompt, "reference": record.response}
@@ -271,6 +285,26 @@ class AdgenDataModule(pl.LightningDataModule):
 
         encoded = self.prompt_format.encode_train(
             record.prompt, record.response, record.history, self.max_source_length, self.max_target_length
+        )
+        stats.responses_truncated += encoded.response_truncated
+        item["input_ids"] = encoded.input_ids
+        item["labels"] = encoded.labels
+        return item
+
+    def _encode_eval_messages(self, record: Record, stats: EncodingStats) -> dict[str, Any]:
+        """A conversation is evaluated on its last assistant message, generated from everything before it."""
+        conversation = self._conversation(record)
+        last_assistant = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
+        context = conversation if last_assistant is None else conversation[:last_assistant]
+        prompt = self.prompt_format.encode_messages_prompt(context, self.max_source_length)
+        stats.prompts_truncated += prompt.prompt_truncated
+        item = {"prompt_ids": prompt.input_ids, "prompt": record.prompt, "reference": record.response}
+        if last_assistant is None:
+            item["input_ids"] = prompt.input_ids
+            item["labels"] = [IGNORE_INDEX] * len(prompt.input_ids)
+            return item
+        encoded = self.prompt_format.encode_messages(
+            conversation[: last_assistant + 1], self.max_source_length + self.max_target_length + 1
         )
         stats.responses_truncated += encoded.response_truncated
         item["input_ids"] = encoded.input_ids

@@ -76,6 +76,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
                 prompt_column=cfg.data.prompt_column,
                 response_column=cfg.data.response_column,
                 history_column=cfg.data.history_column,
+                messages_column=cfg.data.get("messages_column"),
                 require_response=False,
             )
         ]

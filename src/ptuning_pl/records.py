@@ -52,6 +52,9 @@ class Record:
     """None only in files read with ``require_response=False`` whose record has no response."""
     history: tuple[tuple[str, str], ...]
     """Earlier (query, response) turns of a conversation, oldest first. Empty for single-turn data."""
+    messages: tuple[tuple[str, str], ...] = ()
+    """(role, content) turns of a `messages`-format record; empty for prompt/response records. For such a
+    record, `prompt` is the last user message and `response` the last assistant message (or None)."""
 
 
 class DataFileError(ValueError):
@@ -86,6 +89,7 @@ class DataFileSpec:
     response_column: str = "summary"
     history_column: str | None = None
     require_response: bool = True
+    messages_column: str | None = None
 
 
 def validate_files(specs: Iterable[DataFileSpec]) -> list[DataFileError]:
@@ -103,6 +107,7 @@ def validate_files(specs: Iterable[DataFileSpec]) -> list[DataFileError]:
                 history_column=spec.history_column,
                 require_response=spec.require_response,
                 split_name=spec.split_name,
+                messages_column=spec.messages_column,
             )
         except DataFileError as error:
             errors.append(error)
@@ -117,6 +122,7 @@ def read_records(
     history_column: str | None = None,
     require_response: bool = True,
     split_name: str = "train",
+    messages_column: str | None = None,
 ) -> list[Record]:
     """Read and validate all records of a JSON lines or JSON array file.
 
@@ -129,7 +135,7 @@ def read_records(
         DataFileError: on the first problem found. The message names the file, line, field and fix.
     """
     text = _read_text(Path(path), split_name)
-    columns = _Columns(prompt_column, response_column, history_column, require_response, split_name)
+    columns = _Columns(prompt_column, response_column, history_column, require_response, split_name, messages_column)
 
     start = _JSON_WHITESPACE.match(text).end()
     if start == len(text):
@@ -376,6 +382,9 @@ def _syntax_error_at(path: StrPath, text: str, position: int, detail: str) -> Da
 # --- Checking one record -----------------------------------------------------------------------------
 
 
+MESSAGE_ROLES = ("system", "user", "assistant", "observation")
+
+
 @dataclass(frozen=True)
 class _Columns:
     """Record keys to read and how strictly to check them."""
@@ -385,8 +394,11 @@ class _Columns:
     history: str | None
     require_response: bool
     split_name: str
+    messages: str | None = None
 
     def example(self) -> str:
+        if self.messages is not None:
+            return f'{{"{self.messages}": [{{"role": "user", "content": "..."}}, {{"role": "assistant", "content": "..."}}]}}'
         return f'{{"{self.prompt}": "...", "{self.response}": "..."}}'
 
     def make_record(self, path: StrPath, value: Any, index: int, line: int) -> Record:
@@ -398,6 +410,8 @@ class _Columns:
                 f"the record is {_json_type(value)}, not a JSON object. Each record must be an object such "
                 f"as {self.example()}.",
             )
+        if self.messages is not None:
+            return self._messages_record(path, value, index, line)
 
         prompt = value.get(self.prompt, _MISSING)
         if prompt is _MISSING:
@@ -426,6 +440,66 @@ class _Columns:
             history = _check_history(path, line, self.history, value.get(self.history))
 
         return Record(index=index, line=line, prompt=prompt, response=response, history=history)
+
+    def _messages_record(self, path: StrPath, value: dict[str, Any], index: int, line: int) -> Record:
+        column = self.messages
+        messages = value.get(column, _MISSING)
+        if messages is _MISSING:
+            raise DataFileError(
+                path,
+                line,
+                column,
+                f'field "{column}" is missing. The record has {_describe_keys(value)}. Set data.messages_column '
+                "to the key that holds the conversation, or to null for prompt/response records.",
+            )
+        if not isinstance(messages, list) or not messages:
+            raise DataFileError(
+                path,
+                line,
+                column,
+                f'field "{column}" is {_json_type(messages)}{" with no items" if messages == [] else ""}, but it '
+                f"must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects.",
+            )
+        turns = []
+        for position, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise DataFileError(
+                    path, line, column, f'"{column}"[{position}] is {_json_type(message)}, not an object with '
+                    '"role" and "content".'
+                )
+            role, content = message.get("role"), message.get("content")
+            if role not in MESSAGE_ROLES:
+                raise DataFileError(
+                    path, line, column, f'"{column}"[{position}].role is {json.dumps(role, ensure_ascii=False)}; '
+                    f"expected one of {', '.join(MESSAGE_ROLES)}."
+                )
+            if not isinstance(content, str):
+                raise DataFileError(
+                    path, line, column, f'"{column}"[{position}].content is {_json_type(content)}, but it must be '
+                    "a string."
+                )
+            turns.append((role, content))
+
+        assistant = [content for role, content in turns if role == "assistant"]
+        users = [content for role, content in turns if role == "user"]
+        if self.require_response and not assistant:
+            raise DataFileError(
+                path,
+                line,
+                column,
+                f'"{column}" has no assistant message, but the {self.split_name} split needs one to learn from. '
+                "Add the assistant's answer, or move the record to the test file.",
+            )
+        if not users:
+            raise DataFileError(path, line, column, f'"{column}" has no user message; add the user\'s turn.')
+        return Record(
+            index=index,
+            line=line,
+            prompt=users[-1],
+            response=assistant[-1] if assistant else None,
+            history=(),
+            messages=tuple(turns),
+        )
 
     def _response_required(
         self, path: StrPath, line: int, record: dict[str, Any], response: Any

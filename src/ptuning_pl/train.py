@@ -74,6 +74,7 @@ def validate_data_files(cfg: DictConfig) -> None:
             response_column=data.response_column,
             history_column=data.history_column,
             require_response=require_response,
+            messages_column=data.get("messages_column"),
         )
         for split, path, require_response in splits
         if path and (split == "train" or cfg.train or cfg.test or split == "test")
@@ -190,6 +191,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError([f"model.path={spec.path}: the tokenizer could not be loaded ({error})"]) from error
     datamodule.prompt_format = prompt_format
     log.info("backbone %s (family %s), prompt format %s", spec.path, spec.family, prompt_format.name)
+    if cfg.data.get("messages_column") and not hasattr(prompt_format, "encode_messages"):
+        raise ConfigError(
+            [f"data.messages_column={cfg.data.messages_column} needs a chat family with roles: use "
+             f"model=chatglm3_6b (this model's prompt format, {prompt_format.name}, takes prompt/response records)"]
+        )
 
     # Encode every split now (once), so a budget too small for the prompt template fails before the model loads.
     try:
