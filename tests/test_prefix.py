@@ -212,3 +212,22 @@ def test_prefix_gradients_reach_embedding():
     assert encoder.embedding.weight.grad is not None
     assert encoder.embedding.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_checkpointing_keeps_prefix_gradients():
+    """The transformers path with checkpointing gives the prefix the same gradients as without it."""
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_glm(layers=2)
+        model.requires_grad_(False)
+        backbone = HFBackbone(model)
+        if checkpointing:
+            backbone.enable_gradient_checkpointing()
+        torch.manual_seed(3)
+        encoder = PrefixEncoder(pre_seq_len=3, geometry=backbone.geometry, dropout=0.0)
+        ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+        logits = backbone.forward(ids, torch.ones_like(ids), backbone.new_cache(encoder(2), 2))
+        logits.float().pow(2).mean().backward()
+        gradients.append(encoder.embedding.weight.grad.clone())
+    assert gradients[0].abs().sum() > 0
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-7)

@@ -73,6 +73,13 @@ class HFBackbone(Backbone):
         )
         return output.logits
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer in backward, keeping the prefix (which transformers' own would drop)."""
+        from ptuning_pl.backbones.chatglm2 import enable_prefix_gradient_checkpointing
+
+        count = enable_prefix_gradient_checkpointing(self.model)
+        log.info("gradient checkpointing enabled on %d decoder layers", count)
+
     def reorder_cache(self, cache: HFCache, index: torch.Tensor) -> HFCache:
         cache.cache.reorder_cache(index)
         return cache
