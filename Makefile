@@ -1,6 +1,7 @@
 # One-command set-up on a fresh machine. Both targets install into the active Python environment.
-# torch is installed first and pinned to the CPU build so pip never pulls a multi-GB CUDA build by accident;
-# on a GPU machine install the torch build for your CUDA first, then `pip install -e .`.
+# torch is installed first and pinned (TORCH=...), so that no other requirement pulls a different build. On
+# this project's CI machines torch==2.13.0 resolves to a local CPU wheel; on a GPU machine install the torch
+# build for your CUDA first, then `pip install -e .`.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 
