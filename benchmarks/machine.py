@@ -117,7 +117,7 @@ def _return_large_blocks_to_os(libc: ctypes.CDLL | None) -> None:
 
 
 def _release_free_heap(libc: ctypes.CDLL | None) -> None:
-    """Give the free pages of glibc's heap back to the OS, so that reusing them raises the resident set size."""
+    """Give the free pages of glibc's heap back to the OS, so that reusing them raises the resident set."""
     if libc is not None:
         libc.malloc_trim(0)
 
@@ -126,10 +126,10 @@ def _peak_rss_increase_in_child(warmup: Callable[[], None], work: Callable[[], N
     """Run `warmup`, then `work`, in a forked child, and return how far the peak RSS of `work` rose, in MiB.
 
     The child shares the parent's loaded model and data, and has its own allocator settings, so the parent's
-    heap and timings are untouched. A forked child maps the pages of shared libraries and memory-mapped weights
-    only when it first touches them. `warmup` touches them before the peak is reset (Linux: "5" written to
-    /proc/self/clear_refs), so they do not count as memory of `work`. Returns None where fork or the reset is
-    unavailable, or when the child fails (its traceback goes to stderr).
+    heap and timings are untouched. A forked child maps the pages of shared libraries and memory-mapped
+    weights only when it first touches them. `warmup` touches them before the peak is reset (Linux: "5"
+    written to /proc/self/clear_refs), so they do not count as memory of `work`. Returns None where fork or
+    the reset is unavailable, or when the child fails (its traceback goes to stderr).
     """
     if not hasattr(os, "fork") or not _CLEAR_REFS.exists():
         return None
@@ -153,7 +153,7 @@ def _peak_rss_increase_in_child(warmup: Callable[[], None], work: Callable[[], N
             peak_kib = _status_kib("VmHWM")
             os.write(write_end, str(peak_kib - start_kib).encode())
             exit_code = 0
-        except BaseException:
+        except Exception:  # noqa: BLE001 - the child reports any failure through its exit status.
             traceback.print_exc()
         finally:
             os._exit(exit_code)
@@ -164,7 +164,7 @@ def _peak_rss_increase_in_child(warmup: Callable[[], None], work: Callable[[], N
     _, status = os.waitpid(pid, 0)
     if status != 0 or not message:
         log.warning(
-            "the memory measurement in child process %d failed (wait status %d); its peak memory is reported as n/a",
+            "the memory measurement in child process %d failed (wait status %d); peak memory shows n/a",
             pid,
             status,
         )
@@ -173,7 +173,7 @@ def _peak_rss_increase_in_child(warmup: Callable[[], None], work: Callable[[], N
 
 
 def measure_peak_memory(device: torch.device, warmup: Callable[[], None], work: Callable[[], None]) -> dict:
-    """Run `warmup`, then `work`, and return the peak memory of `work` above the memory in use before it, in MiB.
+    """Run `warmup`, then `work`, and return the peak memory of `work` above the memory in use before, in MiB.
 
     On CUDA this is `torch.cuda.max_memory_allocated` (tensors only), measured in this process. On a CPU it is
     the peak resident set size of a forked child (see `_peak_rss_increase_in_child`), which counts tensors,

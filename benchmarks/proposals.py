@@ -33,10 +33,16 @@ class SupervisedLogitsModule(PrefixTuningModule):
 
         # Positions and prefix mask columns as in HFBackbone.forward.
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        full_mask = torch.cat([attention_mask.new_ones(batch_size, cache.prefix_length), attention_mask], dim=-1)
+        full_mask = torch.cat(
+            [attention_mask.new_ones(batch_size, cache.prefix_length), attention_mask], dim=-1
+        )
         model = self.backbone.model
         hidden = model.base_model(
-            input_ids=input_ids, attention_mask=full_mask, position_ids=positions, cache=cache.cache, use_cache=True
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=positions,
+            cache=cache.cache,
+            use_cache=True,
         ).last_hidden_state
 
         labels = batch["labels"][:, 1:]
@@ -46,7 +52,9 @@ class SupervisedLogitsModule(PrefixTuningModule):
         return loss_sum, supervised.sum()
 
 
-def check_same_loss(current: PrefixTuningModule, proposed: PrefixTuningModule, batch: dict[str, Any]) -> float:
+def check_same_loss(
+    current: PrefixTuningModule, proposed: PrefixTuningModule, batch: dict[str, Any]
+) -> float:
     """Return the relative difference of the two modules' summed losses on `batch` (eval mode, no gradient).
 
     Raises ValueError above 1e-5, or when the supervised token counts differ. A model that post-processes its

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-RESULTS_START = "<!-- benchmark results: start (benchmarks/run.py replaces everything up to the end marker) -->"
+RESULTS_START = (
+    "<!-- benchmark results: start (benchmarks/run.py replaces everything up to the end marker) -->"
+)
 RESULTS_END = "<!-- benchmark results: end -->"
 
 LAYOUT_LABELS = {
@@ -35,7 +37,11 @@ def _training_table(training: dict[str, Any]) -> list[str]:
     rows = []
     for name, layout in training["layouts"].items():
         shape = layout["layout"]
-        padding = "fixed to " + str(shape["fixed_length"]) if shape["fixed_length"] else "to the longest in the micro-batch"
+        padding = (
+            "fixed to " + str(shape["fixed_length"])
+            if shape["fixed_length"]
+            else "to the longest in the micro-batch"
+        )
         rows.append(
             [
                 LAYOUT_LABELS.get(name, name),
@@ -102,7 +108,12 @@ def _prefix_scaling_table(rows_in: list[dict[str, Any]]) -> list[str]:
         ]
         for row in rows_in
     ]
-    header = ["pre_seq_len", "training step (ms)", "loss forward, no grad (ms per step's batches)", "real tokens/s"]
+    header = [
+        "pre_seq_len",
+        "training step (ms)",
+        "loss forward, no grad (ms per step's batches)",
+        "real tokens/s",
+    ]
     return _table(header, rows)
 
 
@@ -143,79 +154,112 @@ def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
     return _table(["model", "target", "required", "measured (median)", "result"], rows)
 
 
+def _model_section(model: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """Return the Markdown lines of one model: its training, evaluation and scaling tables."""
+    backbone = "tiny GLM (conf/model/tiny_glm.yaml)" if model["name"] == "tiny" else model["spec"]["path"]
+    parameters = model["parameters"]
+    lines = [
+        f"### {model['name']}",
+        "",
+        (
+            f"Backbone `{backbone}`, {parameters['frozen']:,} frozen parameters; prefix pre_seq_len "
+            f"{settings['pre_seq_len']}, {parameters['trainable']:,} trainable parameters."
+        ),
+        "",
+    ]
+
+    training = model.get("training")
+    if training:
+        steps = (
+            f"{training['timed_steps']} timed optimizer steps of {training['effective_batch_size']} examples"
+        )
+        examples = training["layouts"]["reference"]["examples"]
+        lines += [
+            (
+                f"**Training**: {steps} after {training['warmup_steps']} warm-up steps; every layout trains "
+                f"on the same {examples} examples."
+            ),
+            "",
+            *_training_table(training),
+            "",
+        ]
+        proposal = training.get("proposal")
+        if proposal:
+            lines += [
+                (
+                    f"Proposed change, {proposal['description']}: ours vs reference with it "
+                    f"{proposal['ours_vs_reference']:.2f}x; ours with it vs ours now "
+                    f"{proposal['ours_vs_current_ours']:.2f}x; relative loss difference "
+                    f"{proposal['relative_loss_difference']:.1e}."
+                ),
+                "",
+            ]
+
+    evaluation = model.get("evaluation")
+    if evaluation:
+        lines += [
+            (
+                f"**Evaluation**: greedy generation of up to {evaluation['max_new_tokens']} new tokens for "
+                f"the first {evaluation['examples']} records of the data file."
+            ),
+            "",
+            *_evaluation_table(evaluation),
+            "",
+        ]
+
+    scaling = model.get("scaling")
+    if scaling:
+        steps = f"{scaling['timed_steps']} timed steps of {scaling['effective_batch_size']} examples"
+        lengths = f"{settings['max_source_length']} + {settings['max_target_length']}"
+        lines += [
+            (
+                f"**Scaling** (our layout, {steps}): step time against pre_seq_len at max lengths {lengths}, "
+                f"then against the maximum lengths at pre_seq_len {settings['pre_seq_len']}. pre_seq_len 0 "
+                "has nothing to train, so only its forward pass is timed."
+            ),
+            "",
+            *_prefix_scaling_table(scaling["pre_seq_len"]),
+            "",
+            *_length_scaling_table(scaling["sequence_length"]),
+            "",
+        ]
+    return lines
+
+
 def render_results(result: dict[str, Any]) -> str:
     """Return the Markdown results section of one benchmark result."""
     machine = result["machine"]
     versions = result["versions"]
     settings = result["settings"]
+    cores = f"{machine['usable_cores']} usable cores of {machine['logical_cores']}"
+    accelerator = f" ({machine['accelerator']})" if machine.get("accelerator") else ""
+    source, target = settings["max_source_length"], settings["max_target_length"]
+    lengths = f"max_source_length {source}, max_target_length {target}"
     lines = [
-        f"Recorded {result['created']} by `{result['command']}` "
-        f"({result['wall_seconds'] / 60:.1f} min); JSON: `{result['json_path']}`.",
+        (
+            f"Recorded {result['created']} by `{result['command']}` "
+            f"({result['wall_seconds'] / 60:.1f} min); JSON: `{result['json_path']}`."
+        ),
         "",
-        f"- Machine: {machine['cpu_model']}, {machine['usable_cores']} usable cores of {machine['logical_cores']}, "
-        f"{machine['torch_threads']} torch threads, device `{machine['device']}`"
-        + (f" ({machine['accelerator']})" if machine.get("accelerator") else "")
-        + f"; {machine['platform']}, Python {machine['python']}.",
-        f"- Load average (1, 5, 15 min): {result['load_average']['before']} before, "
-        f"{result['load_average']['after']} after.",
+        (
+            f"- Machine: {machine['cpu_model']}, {cores}, {machine['torch_threads']} torch threads, "
+            f"device `{machine['device']}`{accelerator}; {machine['platform']}, Python {machine['python']}."
+        ),
+        (
+            f"- Load average (1, 5, 15 min): {result['load_average']['before']} before, "
+            f"{result['load_average']['after']} after."
+        ),
         "- Versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()) + ".",
         f"- Commit: `{result['git_commit']}`.",
-        f"- Data: `{result['data']['name']}`, {result['data']['records']} records; "
-        f"max_source_length {settings['max_source_length']}, max_target_length {settings['max_target_length']}; "
-        f"{settings['repeats']} repeats, medians reported.",
+        (
+            f"- Data: `{result['data']['name']}`, {result['data']['records']} records; {lengths}; "
+            f"{settings['repeats']} repeats, medians reported."
+        ),
         "",
     ]
+
     for model in result["models"]:
-        lines.append(f"### {model['name']}")
-        lines.append("")
-        lines.append(
-            f"Backbone `{model['spec']['path'] if model['name'] != 'tiny' else 'tiny GLM (conf/model/tiny_glm.yaml)'}`, "
-            f"{model['parameters']['frozen']:,} frozen parameters; prefix pre_seq_len {settings['pre_seq_len']}, "
-            f"{model['parameters']['trainable']:,} trainable parameters."
-        )
-        lines.append("")
-        training = model.get("training")
-        if training:
-            lines.append(
-                f"**Training**: {training['timed_steps']} timed optimizer steps of {training['effective_batch_size']} "
-                f"examples after {training['warmup_steps']} warm-up steps; every layout trains on the same "
-                f"{training['layouts']['reference']['examples']} examples."
-            )
-            lines.append("")
-            lines += _training_table(training)
-            lines.append("")
-            proposal = training.get("proposal")
-            if proposal:
-                lines.append(
-                    f"Proposed change, {proposal['description']}: ours vs reference with it "
-                    f"{proposal['ours_vs_reference']:.2f}x; ours with it vs ours now "
-                    f"{proposal['ours_vs_current_ours']:.2f}x; relative loss difference "
-                    f"{proposal['relative_loss_difference']:.1e}."
-                )
-                lines.append("")
-        evaluation = model.get("evaluation")
-        if evaluation:
-            lines.append(
-                f"**Evaluation**: greedy generation of up to {evaluation['max_new_tokens']} new tokens for the first "
-                f"{evaluation['examples']} records of the data file."
-            )
-            lines.append("")
-            lines += _evaluation_table(evaluation)
-            lines.append("")
-        scaling = model.get("scaling")
-        if scaling:
-            lines.append(
-                f"**Scaling** (our layout, {scaling['timed_steps']} timed steps of {scaling['effective_batch_size']} "
-                f"examples): step time against pre_seq_len at max lengths "
-                f"{settings['max_source_length']} + {settings['max_target_length']}, then against the maximum "
-                f"lengths at pre_seq_len {settings['pre_seq_len']}. pre_seq_len 0 has nothing to train, so only its "
-                "forward pass is timed."
-            )
-            lines.append("")
-            lines += _prefix_scaling_table(scaling["pre_seq_len"])
-            lines.append("")
-            lines += _length_scaling_table(scaling["sequence_length"])
-            lines.append("")
+        lines += _model_section(model, settings)
     if result["targets"]:
         lines.append("### Targets")
         lines.append("")
@@ -225,7 +269,7 @@ def render_results(result: dict[str, Any]) -> str:
 
 
 def update_results_section(path: Path, section: str) -> None:
-    """Replace the text between the result markers of `path` with `section`, or create the page if it is missing.
+    """Replace the text between the result markers of `path` with `section`, or create the page if missing.
 
     Raises ValueError when the page exists without both markers, so hand-written text is never overwritten.
     """

@@ -104,34 +104,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         default=str(default_data_file()),
-        help="ADGEN-format data file (JSON lines or a JSON array); the default is the shared real ADGEN sample, "
+        help="ADGEN-format data file (JSON lines or a JSON array); the default is the real ADGEN sample, "
         "located through PTUNING_SHARED_DIR or ../shared beside the checkout",
     )
-    parser.add_argument("--model-path", action="append", default=[], help="local backbone folder to benchmark "
-                        "besides the tiny model; repeat the option for several")
+    parser.add_argument(
+        "--model-path",
+        action="append",
+        default=[],
+        help="local backbone folder to benchmark besides the tiny model; repeat the option for several",
+    )
     parser.add_argument("--model-family", choices=FAMILIES, default="hf", help="family of every --model-path")
     parser.add_argument("--model-dtype", default="float32", help="dtype of every --model-path backbone")
-    parser.add_argument("--prompt-format", default="auto", help="prompt format of every --model-path backbone")
+    parser.add_argument(
+        "--prompt-format", default="auto", help="prompt format of every --model-path backbone"
+    )
     parser.add_argument("--skip-tiny", action="store_true", help="benchmark only the --model-path backbones")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ", ".join(SECTIONS))
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ", ".join(SECTIONS)
+    )
 
     parser.add_argument("--pre-seq-len", type=int, default=16, help="prefix positions per layer")
-    parser.add_argument("--prefix-projection", action="store_true", help="reparametrise the prefix through an MLP")
+    parser.add_argument(
+        "--prefix-projection", action="store_true", help="reparametrise the prefix through an MLP"
+    )
     parser.add_argument("--max-source-length", type=int, default=64, help="maximum prompt tokens")
     parser.add_argument("--max-target-length", type=int, default=64, help="maximum response tokens")
-    parser.add_argument("--micro-batch-size", type=int, default=16, help="examples per micro-batch of our layout")
-    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step of our "
-                        "layout; the reference layout uses micro-batch 1 and the same effective batch")
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=16, help="examples per micro-batch of our layout"
+    )
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step of our "
+        "layout; the reference layout uses micro-batch 1 and the same effective batch",
+    )
     parser.add_argument("--lr", type=float, default=2e-2, help="AdamW learning rate (constant)")
 
     parser.add_argument("--repeats", type=int, help=f"timed runs per measurement (default {FULL['repeats']})")
-    parser.add_argument("--warmup-steps", type=int, help="untimed optimizer steps before each timed training run")
+    parser.add_argument(
+        "--warmup-steps", type=int, help="untimed optimizer steps before each timed training run"
+    )
     parser.add_argument("--train-steps", type=int, help="timed optimizer steps per training run")
-    parser.add_argument("--eval-examples", type=int, help="records (the first N of the data file) to generate for")
+    parser.add_argument(
+        "--eval-examples", type=int, help="records (the first N of the data file) to generate for"
+    )
     parser.add_argument("--eval-batch-sizes", help="comma-separated batch sizes of batched generation")
-    parser.add_argument("--max-new-tokens", type=int, help="new tokens per prompt (default max-target-length)")
-    parser.add_argument("--scaling-pre-seq-lens", help="comma-separated pre_seq_len values of the scaling table")
-    parser.add_argument("--scaling-lengths", help="comma-separated maximum lengths per side of the scaling table")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="new tokens per prompt (default max-target-length)"
+    )
+    parser.add_argument(
+        "--scaling-pre-seq-lens", help="comma-separated pre_seq_len values of the scaling table"
+    )
+    parser.add_argument(
+        "--scaling-lengths", help="comma-separated maximum lengths per side of the scaling table"
+    )
     parser.add_argument("--scaling-steps", type=int, help="timed optimizer steps per scaling point")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat, for the smoke test")
     parser.add_argument(
@@ -145,13 +172,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch intra-op threads (default: torch's choice, one per core); on a CPU shared with other jobs, "
-        "1 avoids the stalls of threads waiting for each other",
+        help="torch intra-op threads (default: torch's choice, one per core); on a CPU shared with other "
+        "jobs, 1 avoids the stalls of threads waiting for each other",
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of batch order and prefix dropout")
-    parser.add_argument("--output", help="JSON result path (default benchmarks/results/<date>-<host>[-quick].json)")
-    parser.add_argument("--markdown", help="page whose results section is replaced (default docs/benchmarks.md; "
-                        "with --quick the default is none); 'none' writes no page")
+    parser.add_argument(
+        "--output", help="JSON result path (default benchmarks/results/<date>-<host>[-quick].json)"
+    )
+    parser.add_argument(
+        "--markdown",
+        help="page whose results section is replaced (default docs/benchmarks.md; "
+        "with --quick the default is none); 'none' writes no page",
+    )
     args = parser.parse_args(argv)
 
     defaults = QUICK if args.quick else FULL
@@ -170,7 +202,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.eval_batch_sizes = int_list(args.eval_batch_sizes)
     args.scaling_pre_seq_lens = int_list(args.scaling_pre_seq_lens)
     args.scaling_lengths = int_list(args.scaling_lengths)
-    positive = ("repeats", "train_steps", "eval_examples", "micro_batch_size", "accumulation", "scaling_steps")
+    positive = (
+        "repeats",
+        "train_steps",
+        "eval_examples",
+        "micro_batch_size",
+        "accumulation",
+        "scaling_steps",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -179,7 +218,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.eval_batch_sizes, default=0) < 1:
         parser.error(f"--eval-batch-sizes needs one or more positive sizes, got {args.eval_batch_sizes}")
     if args.pre_seq_len <= 0:
-        parser.error(f"--pre-seq-len must be positive (there is nothing to train otherwise), got {args.pre_seq_len}")
+        parser.error(
+            f"--pre-seq-len must be positive (there is nothing to train otherwise), got {args.pre_seq_len}"
+        )
     if args.skip_tiny and not args.model_path:
         parser.error("--skip-tiny needs at least one --model-path")
     if not Path(args.data).is_file():
@@ -195,11 +236,15 @@ def pick_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------- sections
 def benchmark_training(factory, module, train_set, pad_token_id, args, device) -> dict[str, Any]:
-    """Time our layout, the reference layout, and the reference layout without padding, on the same examples."""
+    """Time our layout, the reference layout and the reference layout without padding on the same examples."""
     ours = Layout("ours", args.micro_batch_size, args.accumulation)
     effective = ours.effective_batch_size
     reference = Layout(
-        "reference", 1, effective, fixed_length=args.max_source_length + args.max_target_length, group_by_length=False
+        "reference",
+        1,
+        effective,
+        fixed_length=args.max_source_length + args.max_target_length,
+        group_by_length=False,
     )
     unpadded = Layout("reference_unpadded", 1, effective, group_by_length=False)
 
@@ -216,7 +261,9 @@ def benchmark_training(factory, module, train_set, pad_token_id, args, device) -
         modules[name].load_state_dict(module.prefix_state_dict(), strict=False)
     runs = {
         "ours": TrainingRun(modules["ours"], train_set, ours, ours_warmup, ours_timed),
-        "reference": TrainingRun(modules["reference"], train_set, reference, reference_warmup, reference_timed),
+        "reference": TrainingRun(
+            modules["reference"], train_set, reference, reference_warmup, reference_timed
+        ),
         "reference_unpadded": TrainingRun(
             modules["reference_unpadded"], train_set, unpadded, reference_warmup, reference_timed
         ),
@@ -225,9 +272,13 @@ def benchmark_training(factory, module, train_set, pad_token_id, args, device) -
     if args.proposals:
         for name in ("ours", "reference"):
             proposed = factory.build(args.pre_seq_len, SupervisedLogitsModule)
-            loss_difference = check_same_loss(module, proposed, Collate(pad_token_id, None)(train_set.items[:4]))
+            loss_difference = check_same_loss(
+                module, proposed, Collate(pad_token_id, None)(train_set.items[:4])
+            )
             current = runs[name]
-            runs[f"{name}_proposed_loss"] = TrainingRun(proposed, train_set, current.layout, current.warmup, current.timed)
+            runs[f"{name}_proposed_loss"] = TrainingRun(
+                proposed, train_set, current.layout, current.warmup, current.timed
+            )
     seconds = time_training(runs, factory.optim, pad_token_id, args.repeats, device, args.seed)
     memory = measure_training_memory(runs, factory.optim, pad_token_id, device)
 
@@ -345,7 +396,9 @@ def benchmark_scaling(factory, module, train_set, prompt_format, args, device) -
 def benchmark_model(name: str, spec: BackboneSpec, args, device: torch.device) -> dict[str, Any]:
     """Run the selected sections on one backbone."""
     _, prompt_format = load_tokenizer_and_format(spec)
-    train_set, prompt_set = encode_data(args.data, prompt_format, args.max_source_length, args.max_target_length)
+    train_set, prompt_set = encode_data(
+        args.data, prompt_format, args.max_source_length, args.max_target_length
+    )
     prefix = {"prefix_projection": args.prefix_projection, "dropout": 0.1}
     factory = ModuleFactory(spec, prefix, {"lr": args.lr}, device)
     module = factory.build(args.pre_seq_len)
@@ -359,7 +412,9 @@ def benchmark_model(name: str, spec: BackboneSpec, args, device: torch.device) -
     if "training" in args.sections:
         log.info("%s: training", name)
         start = time.perf_counter()
-        result["training"] = benchmark_training(factory, module, train_set, prompt_format.pad_token_id, args, device)
+        result["training"] = benchmark_training(
+            factory, module, train_set, prompt_format.pad_token_id, args, device
+        )
         log.info("%s: training done in %.0f s", name, time.perf_counter() - start)
     if "evaluation" in args.sections:
         log.info("%s: evaluation", name)
@@ -375,7 +430,7 @@ def benchmark_model(name: str, spec: BackboneSpec, args, device: torch.device) -
 
 
 def check_targets(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Compare the medians with the targets: 2x training real tokens/s, 8x generation with identical outputs."""
+    """Compare the medians with the targets: 2x training tokens/s, 8x generation with identical outputs."""
     targets = []
     for model in models:
         training = model.get("training")
@@ -437,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
             folder = write_tiny_backbone_for(Path(work_dir) / "tiny", texts)
             specs.append(("tiny", BackboneSpec(path=str(folder))))
         for path in args.model_path:
-            spec = BackboneSpec(path=path, family=args.model_family, dtype=args.model_dtype, prompt_format=args.prompt_format)
+            spec = BackboneSpec(
+                path=path, family=args.model_family, dtype=args.model_dtype, prompt_format=args.prompt_format
+            )
             specs.append((Path(path).name, spec))
         for name, spec in specs:
             models.append(benchmark_model(name, spec, args, device))

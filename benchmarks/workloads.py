@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -76,7 +77,9 @@ class ModuleFactory:
     `ptuning_pl.module` with a cached loader, so a multi-GB backbone is read once, not once per module.
     """
 
-    def __init__(self, spec: BackboneSpec, prefix: dict[str, Any], optim: dict[str, Any], device: torch.device):
+    def __init__(
+        self, spec: BackboneSpec, prefix: dict[str, Any], optim: dict[str, Any], device: torch.device
+    ):
         self.spec = spec
         self.prefix = dict(prefix)
         self.optim = dict(optim)
@@ -88,7 +91,9 @@ class ModuleFactory:
             self._backbone = load_backbone(spec, *args, **kwargs)
         return self._backbone
 
-    def build(self, pre_seq_len: int, module_class: type[PrefixTuningModule] = PrefixTuningModule) -> PrefixTuningModule:
+    def build(
+        self, pre_seq_len: int, module_class: type[PrefixTuningModule] = PrefixTuningModule
+    ) -> PrefixTuningModule:
         module = module_class(
             backbone=asdict(self.spec), prefix={**self.prefix, "pre_seq_len": pre_seq_len}, optim=self.optim
         )
@@ -152,7 +157,8 @@ class Collate:
         extra = self.fixed_length - batch["input_ids"].shape[1]
         if extra < 0:
             raise ValueError(
-                f"an example has {batch['input_ids'].shape[1]} tokens, more than the fixed length {self.fixed_length}"
+                f"an example has {batch['input_ids'].shape[1]} tokens, more than the fixed length "
+                f"{self.fixed_length}"
             )
         batch["input_ids"] = F.pad(batch["input_ids"], (0, extra), value=self.pad_token_id)
         batch["attention_mask"] = F.pad(batch["attention_mask"], (0, extra), value=0)
@@ -177,8 +183,8 @@ def grouped_plan(lengths: Sequence[int], layout: Layout, steps: int, seed: int) 
         full_batches = [batch for batch in sampler if len(batch) == layout.micro_batch_size]
         if not full_batches:
             raise ValueError(
-                f"the data has {len(lengths)} examples, fewer than one micro-batch of {layout.micro_batch_size}; "
-                "lower --micro-batch-size"
+                f"the data has {len(lengths)} examples, fewer than one micro-batch of "
+                f"{layout.micro_batch_size}; lower --micro-batch-size"
             )
         for batch in full_batches:
             step.append(batch)
@@ -195,7 +201,10 @@ def shuffled_plan(indices: Sequence[int], layout: Layout, seed: int) -> Plan:
     """Arrange `indices` in a seeded random order into micro-batches and steps of `layout`."""
     generator = torch.Generator().manual_seed(seed)
     order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-    micro = [order[start : start + layout.micro_batch_size] for start in range(0, len(order), layout.micro_batch_size)]
+    micro = [
+        order[start : start + layout.micro_batch_size]
+        for start in range(0, len(order), layout.micro_batch_size)
+    ]
     return [micro[start : start + layout.accumulation] for start in range(0, len(micro), layout.accumulation)]
 
 
@@ -217,7 +226,9 @@ def token_counts(plan: Plan, lengths: Sequence[int], fixed_length: int | None) -
 
 # ----------------------------------------------------------------------------------------------- training
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    return {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+    }
 
 
 def run_steps(
@@ -245,7 +256,7 @@ def run_steps(
 
 @dataclass
 class TrainingRun:
-    """One timed configuration: a module, its encoded data, a layout, and the plans of its warm-up and timed steps."""
+    """Timed configuration: a module, its encoded data, a layout, and its warm-up and timed step plans."""
 
     module: PrefixTuningModule
     dataset: EncodedDataset
@@ -254,14 +265,19 @@ class TrainingRun:
     timed: Plan
 
 
-def _start_run(run: TrainingRun, initial_state: dict[str, torch.Tensor], optim: dict[str, Any]) -> torch.optim.AdamW:
+def _start_run(
+    run: TrainingRun, initial_state: dict[str, torch.Tensor], optim: dict[str, Any]
+) -> torch.optim.AdamW:
     run.module.train()
     run.module.load_state_dict(initial_state, strict=False)
     return make_optimizer(run.module, optim)
 
 
 def _prefix_states(runs: dict[str, TrainingRun]) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: {key: value.clone() for key, value in run.module.prefix_state_dict().items()} for name, run in runs.items()}
+    return {
+        name: {key: value.clone() for key, value in run.module.prefix_state_dict().items()}
+        for name, run in runs.items()
+    }
 
 
 def _alternating(names: list[str], index: int) -> list[str]:
@@ -287,8 +303,8 @@ def time_training(
     modules = [id(run.module) for run in runs.values()]
     if len(set(modules)) != len(modules):
         raise ValueError(
-            "runs timed together need a module each; build one per run with ModuleFactory.build, which shares "
-            "the backbone"
+            "runs timed together need a module each; build one per run with ModuleFactory.build, which "
+            "shares the backbone"
         )
     initial_states = _prefix_states(runs)
     names = list(runs)
@@ -309,7 +325,14 @@ def time_training(
                     continue
                 synchronize(device)
                 start = time.perf_counter()
-                run_steps(run.module, optimizers[name], run.timed[step : step + 1], run.dataset, collates[name], device)
+                run_steps(
+                    run.module,
+                    optimizers[name],
+                    run.timed[step : step + 1],
+                    run.dataset,
+                    collates[name],
+                    device,
+                )
                 synchronize(device)
                 elapsed[name] += time.perf_counter() - start
         for name in names:
@@ -322,19 +345,15 @@ def time_training(
 def measure_training_memory(
     runs: dict[str, TrainingRun], optim: dict[str, Any], pad_token_id: int, device: torch.device
 ) -> dict[str, dict[str, Any]]:
-    """Return each run's peak memory over its timed steps, measured in a separate untimed run after its warm-up."""
+    """Return each run's peak memory over its timed steps, measured in an untimed run after its warm-up."""
     initial_states = _prefix_states(runs)
     results = {}
     for name, run in runs.items():
         optimizer = _start_run(run, initial_states[name], optim)
         collate = Collate(pad_token_id, run.layout.fixed_length)
 
-        def warmup() -> None:
-            run_steps(run.module, optimizer, run.warmup, run.dataset, collate, device)
-
-        def work() -> None:
-            run_steps(run.module, optimizer, run.timed, run.dataset, collate, device)
-
+        warmup = partial(run_steps, run.module, optimizer, run.warmup, run.dataset, collate, device)
+        work = partial(run_steps, run.module, optimizer, run.timed, run.dataset, collate, device)
         results[name] = measure_peak_memory(device, warmup, work)
         run.module.load_state_dict(initial_states[name], strict=False)
     return results
@@ -382,7 +401,7 @@ def generate_in_batches(
 
 @dataclass(frozen=True)
 class GenerationMode:
-    """One way to run generation: examples per `generate_ids` call, and whether prompts are sorted by length."""
+    """Generation setting: examples per `generate_ids` call, and whether prompts are sorted by length."""
 
     name: str
     batch_size: int
@@ -397,7 +416,7 @@ def time_generation(
     repeats: int,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Time every mode `repeats` times on the same prompts and compare each mode's outputs with the first mode's.
+    """Time every mode `repeats` times on the same prompts and compare its outputs with the first mode's.
 
     The first mode is the baseline (one at a time). Modes alternate inside each repeat, in reversed order on
     odd repeats. Raises RuntimeError when a mode's greedy output differs between repeats.
@@ -405,7 +424,9 @@ def time_generation(
     module.eval()
     # Warm-up: one call per mode, so the first timed repeat does not pay for lazy initialisation.
     for mode in modes:
-        generate_in_batches(module, prompts[: mode.batch_size], settings, mode.batch_size, mode.sort_by_length)
+        generate_in_batches(
+            module, prompts[: mode.batch_size], settings, mode.batch_size, mode.sort_by_length
+        )
 
     seconds: dict[str, list[float]] = {mode.name: [] for mode in modes}
     outputs: dict[str, list[list[int]]] = {}
@@ -419,14 +440,16 @@ def time_generation(
             previous = outputs.setdefault(mode.name, generated)
             if generated != previous:
                 raise RuntimeError(
-                    f"greedy generation in mode {mode.name!r} returned other tokens in repeat {repeat} than in an "
-                    "earlier repeat"
+                    f"greedy generation in mode {mode.name!r} returned other tokens in repeat {repeat} than "
+                    "in an earlier repeat"
                 )
 
     baseline = outputs[modes[0].name]
     results = {}
     for mode in modes:
-        mismatches = [i for i, (ids, expected) in enumerate(zip(outputs[mode.name], baseline)) if ids != expected]
+        mismatches = [
+            i for i, (ids, expected) in enumerate(zip(outputs[mode.name], baseline)) if ids != expected
+        ]
         tokens = sum(len(ids) for ids in outputs[mode.name])
         results[mode.name] = {
             "batch_size": mode.batch_size,
@@ -446,7 +469,7 @@ def time_generation(
 def time_forward(
     runs: dict[str, TrainingRun], pad_token_id: int, repeats: int, device: torch.device
 ) -> dict[str, list[float]]:
-    """Time the loss forward pass (no gradient, eval mode) over each run's timed micro-batches, `repeats` times.
+    """Time the loss forward pass (no gradient, eval mode) over each run's timed micro-batches, repeatedly.
 
     Runs take turns step by step as in `time_training`, after one untimed pass over each warm-up plan.
     """

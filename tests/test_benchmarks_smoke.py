@@ -28,11 +28,13 @@ PROSE = "Hand-written text that a benchmark run must keep."
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """Run the harness once in --quick mode and return (completed process, JSON result, Markdown page text)."""
+    """Run the harness once in --quick mode; return (completed process, JSON result, Markdown page)."""
     folder = tmp_path_factory.mktemp("benchmark")
     output = folder / "result.json"
     page = folder / "benchmarks.md"
-    page.write_text(f"# Benchmarks\n\n{PROSE}\n\n{RESULTS_START}\nold results\n{RESULTS_END}\n\nEnd.\n", encoding="utf-8")
+    page.write_text(
+        f"# Benchmarks\n\n{PROSE}\n\n{RESULTS_START}\nold results\n{RESULTS_END}\n\nEnd.\n", encoding="utf-8"
+    )
     completed = subprocess.run(
         [
             sys.executable,
@@ -48,6 +50,7 @@ def quick_run(tmp_path_factory):
             "--markdown",
             str(page),
         ],
+        check=False,
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -59,7 +62,17 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_top_level_keys(quick_run):
     _, result, _ = quick_run
-    for key in ("created", "command", "machine", "versions", "load_average", "data", "settings", "models", "targets"):
+    for key in (
+        "created",
+        "command",
+        "machine",
+        "versions",
+        "load_average",
+        "data",
+        "settings",
+        "models",
+        "targets",
+    ):
         assert key in result, key
     for key in ("cpu_model", "logical_cores", "usable_cores", "torch_threads", "device"):
         assert key in result["machine"], key
