@@ -212,13 +212,15 @@ class PrefixTuningModule(pl.LightningModule):
 
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (sum of token losses, number of supervised tokens) for a batch with labels."""
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        input_ids = batch["input_ids"]
+        cache = self.backbone.new_cache(self.prefix_kv(input_ids.shape[0]), input_ids.shape[0])
+        hidden = self.backbone.forward_hidden(input_ids, batch["attention_mask"], cache)
+
+        # Logits only where a label is: the vocabulary-sized product is skipped at prompt and padding positions.
         labels = batch["labels"][:, 1:]
-        logits = logits[:, :-1]
         supervised = labels != IGNORE_INDEX
-        loss_sum = F.cross_entropy(
-            logits[supervised].float(), labels[supervised], reduction="sum"
-        )
+        logits = self.backbone.output_logits(hidden[:, :-1][supervised])
+        loss_sum = F.cross_entropy(logits.float(), labels[supervised], reduction="sum")
         return loss_sum, supervised.sum()
 
     # ------------------------------------------------------------------------------------------- training

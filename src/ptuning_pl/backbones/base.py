@@ -67,6 +67,19 @@ class Backbone(abc.ABC):
         far in this cache excluding the prefix. The cache is extended in place with the new tokens.
         """
 
+    def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Like `forward`, but return the final hidden states (batch, n, hidden) instead of logits.
+
+        With `output_logits` this lets the training loss compute logits at the supervised positions only,
+        which saves the vocabulary-sized product at every prompt and padding position. The default computes
+        full logits, for backbones without a separate output layer.
+        """
+        return self.forward(input_ids, attention_mask, cache)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from `forward_hidden` states (identity in the default, whose states are logits already)."""
+        return hidden
+
     def enable_gradient_checkpointing(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing yet")
 

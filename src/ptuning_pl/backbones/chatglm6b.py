@@ -100,6 +100,14 @@ class ChatGLM6BBackbone(Backbone):
         """Return logits (batch, n, vocab) for the new tokens; see `ChatGLM6BForCausalLM.forward`."""
         return self.model(input_ids, attention_mask, cache).logits
 
+    def forward_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: ChatGLM6BCache
+    ) -> torch.Tensor:
+        return self.model(input_ids, attention_mask, cache, compute_logits=False).last_hidden_state
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.output_logits(hidden)
+
     def forward_with_hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: ChatGLM6BCache
     ) -> ChatGLM6BOutput:

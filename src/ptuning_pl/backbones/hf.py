@@ -55,7 +55,7 @@ class HFBackbone(Backbone):
             cache.update(key, value, layer_index)
         return HFCache(cache, prefix[0][0].shape[-2])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: HFCache) -> torch.Tensor:
+    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: HFCache) -> dict:
         batch_size, new_tokens = input_ids.shape
 
         # Positions count real tokens only: a left-padded prompt starts at 0, and the prefix has no position.
@@ -63,15 +63,22 @@ class HFBackbone(Backbone):
 
         prefix_columns = attention_mask.new_ones(batch_size, cache.prefix_length)
         full_mask = torch.cat([prefix_columns, attention_mask], dim=-1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": full_mask,
+            "position_ids": positions,
+            "cache": cache.cache,
+            "use_cache": True,
+        }
 
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=full_mask,
-            position_ids=positions,
-            cache=cache.cache,
-            use_cache=True,
-        )
-        return output.logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: HFCache) -> torch.Tensor:
+        return self.model(**self._inputs(input_ids, attention_mask, cache)).logits
+
+    def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: HFCache) -> torch.Tensor:
+        return self.model.base_model(**self._inputs(input_ids, attention_mask, cache)).last_hidden_state
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each decoder layer in backward, keeping the prefix (which transformers' own would drop)."""

@@ -384,10 +384,14 @@ class ChatGLM6BTransformer(nn.Module):
 
 @dataclass
 class ChatGLM6BOutput:
-    """Logits (batch, seq, vocab) and, on request, the input of every layer plus the final normed state."""
+    """Logits (batch, seq, vocab) and, on request, the input of every layer plus the final normed state.
 
-    logits: torch.Tensor
+    With `compute_logits=False`, `logits` is None and `last_hidden_state` holds the final normed state.
+    """
+
+    logits: torch.Tensor | None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    last_hidden_state: torch.Tensor | None = None
 
 
 class ChatGLM6BForCausalLM(nn.Module):
@@ -398,6 +402,10 @@ class ChatGLM6BForCausalLM(nn.Module):
         self.config = config
         self.transformer = ChatGLM6BTransformer(config)
         self.gradient_checkpointing = False
+
+    def output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: logits from final normed hidden states."""
+        return F.linear(hidden_states, self.transformer.word_embeddings.weight)
 
     def new_cache(
         self, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, batch_size: int
@@ -435,6 +443,7 @@ class ChatGLM6BForCausalLM(nn.Module):
         attention_mask: torch.Tensor,
         cache: ChatGLM6BCache,
         output_hidden_states: bool = False,
+        compute_logits: bool = True,
     ) -> ChatGLM6BOutput:
         """Run the new tokens `input_ids` (batch, n) and extend `cache` in place.
 
@@ -484,7 +493,9 @@ class ChatGLM6BForCausalLM(nn.Module):
             all_hidden_states.append(hidden_states)
         cache.seen_length += length
 
-        logits = F.linear(hidden_states, self.transformer.word_embeddings.weight)
+        if not compute_logits:
+            return ChatGLM6BOutput(logits=None, last_hidden_state=hidden_states)
+        logits = self.output_logits(hidden_states)
         return ChatGLM6BOutput(
             logits=logits, hidden_states=tuple(all_hidden_states) if output_hidden_states else None
         )
