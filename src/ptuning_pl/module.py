@@ -116,6 +116,8 @@ class PrefixTuningModule(pl.LightningModule):
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0
         self._nonfinite_in_step: torch.Tensor | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._step_batches = 0
 
         self.backbone: Backbone | None = None
         self.prompt_format: PromptFormat | None = None
@@ -241,12 +243,12 @@ class PrefixTuningModule(pl.LightningModule):
             loss = loss * float("nan")
             logged_loss = logged_loss * float("nan")
 
-        # Collected on the device; on_before_optimizer_step reads it with the gradients in one synchronisation.
+        # Collected on the device; on_before_optimizer_step reads them with the gradients' check in one host
+        # synchronisation per optimizer step, and logs the loss then.
         bad = ~torch.isfinite(loss.detach())
         self._nonfinite_in_step = bad if self._nonfinite_in_step is None else self._nonfinite_in_step | bad
-        batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", logged_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
+        self._step_loss = logged_loss if self._step_loss is None else self._step_loss + logged_loss
+        self._step_batches += 1
         return loss
 
     # ----------------------------------------------------------------------------------------- evaluation
@@ -397,9 +399,18 @@ class PrefixTuningModule(pl.LightningModule):
         bad = torch.stack([~torch.isfinite(g).all() for g in gradients]).any() if gradients else torch.tensor(False)
         if self._nonfinite_in_step is not None:
             bad = bad | self._nonfinite_in_step.to(bad.device)
-        self._nonfinite_in_step = None
+        step_loss = self._step_loss / max(self._step_batches, 1) if self._step_loss is not None else None
+        self._nonfinite_in_step, self._step_loss, self._step_batches = None, None, 0
 
-        if not bool(bad):  # the one host synchronisation of the step
+        # The one host synchronisation of the step: the non-finite flag and the loss to log, read together.
+        if step_loss is None:
+            is_bad, loss_value = bool(bad), float("nan")
+        else:
+            is_bad, loss_value = torch.stack([bad.to(step_loss.dtype), step_loss.to(bad.device)]).tolist()
+        self.log("train/loss", loss_value, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+        if not is_bad:
             self._consecutive_nonfinite = 0
             return
 
