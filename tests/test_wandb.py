@@ -73,3 +73,21 @@ def test_wandb_run_closed_when_job_fails(tmp_path):
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     # The run was finished with a failure code: wandb prints its closing summary for the run.
     assert "wandb: Run data is saved locally" in result.stderr or "wandb: Find logs at" in result.stderr
+
+
+@pytest.mark.skipif(not can_unshare_network(), reason="needs `unshare -n` (a network namespace) to cut networking")
+def test_wandb_one_run_per_ddp_job(tmp_path):
+    """Two gloo ranks, networking cut: one W&B run (from rank 0) and one run folder for the job."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path / "home")
+    run_dir = tmp_path / "run"
+    result = run_without_network(
+        ["experiment=adgen_tiny", "logger=wandb", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.max_steps=4", "trainer.val_check_interval=4", "evaluation.val_examples=4", "test=false",
+         "callbacks.progress_bar=null", f"hydra.run.dir={run_dir}"],
+        env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["home", "run"]
