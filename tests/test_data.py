@@ -209,6 +209,12 @@ def test_length_grouped_sampler_shards_and_skips():
     assert list(single) == full[5:]
     assert list(single) == full  # the skip applies to one iteration only
 
+    # A resume after the last batch of epoch 0 goes on with epoch 1, which must not be skipped.
+    single.skip_batches(epoch=0, count=len(full))
+    single.set_epoch(1)
+    epoch_one = list(single)
+    assert len(epoch_one) == len(full) and epoch_one != full
+
 
 def test_eval_sampler_gives_each_example_to_one_rank():
     shards = [list(EvalBatchSampler(7, batch_size=2, num_replicas=2, rank=r)) for r in (0, 1)]

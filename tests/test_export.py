@@ -88,6 +88,8 @@ def test_python_api_generates_like_test(trained):
     rows = [json.loads(line) for line in predictions.splitlines()][:3]
     model = PrefixModel.from_export(run_dir / "export", device="cpu")
     assert model.generate([row["prompt"] for row in rows], batch_size=2) == [row["prediction"] for row in rows]
+    with pytest.raises(TypeError, match="list of prompts"):
+        model.generate(rows[0]["prompt"])
     streamed = "".join(model.stream(rows[0]["prompt"]))
     assert streamed.strip() == rows[0]["prediction"] or rows[0]["prediction"].startswith(streamed.strip()[:5])
 
@@ -154,6 +156,38 @@ def test_missing_export_folder_is_clear(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(ExportError, match="prefix_config.json is missing"):
         read_export(tmp_path / "half")
+
+
+def test_predict_needs_test_file(trained, tmp_path):
+    _, run_dir, _, _ = trained
+    result = subprocess.run(
+        [sys.executable, "-m", "ptuning_pl.predict", f"export_dir={run_dir / 'export'}", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "data.test_file is required" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_rejects_bad_export_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        result = subprocess.run(
+            [sys.executable, "-m", "ptuning_pl.chat", f"export_dir={folder}"],
+            input="exit\n", cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 2, folder
+        assert "Traceback" not in result.stderr
+        assert str(folder) in result.stderr
+
+
+def test_export_files_readable_like_user_files(trained):
+    _, run_dir, _, _ = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [run_dir / "export", *(run_dir / "export").iterdir(), run_dir / "backbone"]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == expected, path
 
 
 def test_predict_refuses_random_prefix(tmp_path):

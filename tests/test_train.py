@@ -85,9 +85,10 @@ def write_records(path: Path, count: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("resume_step", [5, 10])
+@pytest.mark.parametrize("resume_step", [5, 9, 10])
 def test_resume_mid_epoch_matches_uninterrupted_run(make_config, tmp_path, resume_step):
-    """Resuming after step 5 (epoch 0) or 10 (epoch 1) of 9-batch epochs ends with the uninterrupted prefix."""
+    """Resuming after step 5 (epoch 0), 9 (the end of epoch 0) or 10 (epoch 1) of 9-batch epochs ends with the
+    uninterrupted run's prefix."""
     data = write_records(tmp_path / "train.json", 30)
     common = [
         "experiment=adgen_tiny",
@@ -102,7 +103,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(make_config, tmp_path, resum
         "model.prefix.dropout=0.3",
         "callbacks.model_checkpoint.monitor=null",
         "callbacks.model_checkpoint.save_top_k=-1",
-        "callbacks.model_checkpoint.every_n_train_steps=5",
+        f"callbacks.model_checkpoint.every_n_train_steps={resume_step}",
     ]
     train(make_config(common, name="full"))
     full_dir = tmp_path / "full"

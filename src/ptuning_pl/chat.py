@@ -19,9 +19,14 @@ def main(argv: list[str] | None = None) -> int:
         optional={"model_path": None, "preset": "greedy", "max_new_tokens": None, "device": None},
         usage=__doc__,
     )
+    from ptuning_pl.export import ExportError
     from ptuning_pl.inference import PrefixModel
 
-    model = PrefixModel.from_export(options["export_dir"], device=options["device"], model_path=options["model_path"])
+    try:
+        model = PrefixModel.from_export(options["export_dir"], device=options["device"], model_path=options["model_path"])
+    except (ExportError, FileNotFoundError) as error:
+        print(str(error), file=sys.stderr)
+        return 2
     overrides = {}
     if options["max_new_tokens"]:
         overrides["max_new_tokens"] = int(options["max_new_tokens"])

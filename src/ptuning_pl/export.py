@@ -142,6 +142,13 @@ def write_export(
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", "utf-8")
         (staging / "README.md").write_text(model_card(description, metrics or {}, command), encoding="utf-8")
 
+        # mkdtemp creates a private folder; give the export the permissions of any other file the user makes.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
+        for path in staging.iterdir():
+            path.chmod(0o666 & ~umask)
+
         # Replace an older export only once the new one is complete.
         if output_dir.exists():
             retired = output_dir.with_name(f".{output_dir.name}-old")

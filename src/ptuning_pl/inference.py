@@ -77,6 +77,8 @@ class PrefixModel:
         **overrides,
     ) -> list[str]:
         """Generate one response per prompt (batched, left-padded)."""
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts; for one prompt use generate([prompt])[0]")
         histories = histories or [[] for _ in prompts]
         settings = self.settings(preset, **overrides)
         responses: list[str] = []

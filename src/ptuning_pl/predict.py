@@ -61,6 +61,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Generate for cfg.data.test_file with the prefix in cfg.ckpt_path; return the test metrics."""
     check_transformers_version()
     problems = [f"{key} is required but not set: give it on the command line, e.g. {key}=..." for key in missing_keys(cfg)]
+    if not cfg.data.get("test_file"):
+        problems.append("data.test_file is required: give the JSON lines or JSON array file to predict for")
     if bool(cfg.get("ckpt_path")) == bool(cfg.get("export_dir")):
         problems.append("set exactly one of ckpt_path=RUN/checkpoints/X.ckpt and export_dir=EXPORT_DIR")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():

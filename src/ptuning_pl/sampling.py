@@ -48,7 +48,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
-        self._skip_batches = 0
+        # (epoch, count): skip the first `count` batches when that epoch is iterated next.
+        self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -60,9 +61,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return self
 
     def skip_batches(self, epoch: int, count: int) -> None:
-        """Make the iteration over `epoch` start after its first `count` batches (for exact resume)."""
+        """Make the next iteration over `epoch` start after its first `count` batches (for exact resume).
+
+        A resume from the last batch of an epoch continues with the next epoch, which is not skipped.
+        """
         self.epoch = epoch
-        self._skip_batches = count
+        self._skip = (epoch, count)
 
     def _all_batches(self, batch_size: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -92,7 +96,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._rank_batches()
-        skip, self._skip_batches = self._skip_batches, 0
+        skip = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            skip = self._skip[1]
+        self._skip = None
         yield from batches[skip:]
 
     def __len__(self) -> int:

@@ -177,6 +177,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_transformers_version()
     check_config(cfg)
     validate_data_files(cfg)
+    resolved_ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir(cfg))
 
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -225,7 +226,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger.log_hyperparams({"config": resolved})
 
     try:
-        metrics = run_stages(cfg, trainer, module, datamodule)
+        metrics = run_stages(cfg, trainer, module, datamodule, resolved_ckpt_path)
     except BaseException:
         finish_wandb(exit_code=1)
         raise
@@ -233,10 +234,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def run_stages(cfg: DictConfig, trainer: pl.Trainer, module: PrefixTuningModule, datamodule) -> dict[str, float]:
+def run_stages(
+    cfg: DictConfig, trainer: pl.Trainer, module: PrefixTuningModule, datamodule, resolved_ckpt_path: str | None
+) -> dict[str, float]:
     """Validate before training (optional), fit, test, write metrics and the export."""
-    resolved_ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir(cfg))
-
     if cfg.get("validate_before_training") and cfg.train:
         # The baseline: the freshly initialised prefix (or the bare backbone with pre_seq_len=0), no step taken.
         baseline = trainer.validate(module, datamodule=datamodule, verbose=False)

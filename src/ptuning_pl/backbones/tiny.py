@@ -118,6 +118,10 @@ def write_tiny_backbone(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        # mkdtemp creates a private folder; the backbone gets the permissions of any other file the user makes.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         staging.rename(output_dir)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
