@@ -170,7 +170,7 @@ def write_metrics(metrics: dict[str, float], directory: Path, name: str = "metri
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train (and optionally test) a prefix as `cfg` says; return the final metrics as floats."""
+    """Train (and optionally test) a prefix as configured by `cfg`; return the final metrics as floats."""
     if rank_zero_only.rank != 0:
         # Every rank runs this function; only rank 0 reports progress.
         logging.getLogger("ptuning_pl").setLevel(logging.WARNING)
