@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ptuning_pl.files import make_user_readable
 from ptuning_pl.module import PREFIX_MODULE, PrefixTuningModule
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,7 @@ def write_export(
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", "utf-8")
         (staging / "README.md").write_text(model_card(description, metrics or {}, command), encoding="utf-8")
 
-        # mkdtemp creates a private folder; give the export the permissions of any other file the user makes.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
-        for path in staging.iterdir():
-            path.chmod(0o666 & ~umask)
+        make_user_readable(staging)
 
         # Replace an older export only once the new one is complete.
         if output_dir.exists():
@@ -187,7 +183,7 @@ def read_export(export_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str
 
 
 def resolve_settings(description: dict[str, Any], requested: dict[str, Any] | None) -> dict[str, Any]:
-    """The prefix settings of an export; a requested value that differs from the recorded one is an error."""
+    """Return the prefix settings of an export; raise ExportError when a requested value differs from them."""
     recorded = {key: description[key] for key in PREFIX_SETTINGS}
     conflicts = [
         f"{key}: the export has {recorded[key]!r} but {value!r} was requested"
@@ -259,14 +255,20 @@ def load_prefix_weights(module: PrefixTuningModule, weights: dict[str, torch.Ten
     module.prefix_encoder.load_state_dict(weights)
 
 
+def checkpoint_hparams(checkpoint: dict[str, Any], ckpt_path: str | os.PathLike) -> dict[str, Any]:
+    """Return the module hyperparameters of a training checkpoint; raise ExportError when they are missing."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "backbone" not in hparams or "prefix" not in hparams:
+        raise ExportError(f"{ckpt_path} has no ptuning-pl hyperparameters: was it written by ptuning_pl.train?")
+    return dict(hparams)
+
+
 def module_from_checkpoint(ckpt_path: str | os.PathLike, model_path: str | None = None) -> PrefixTuningModule:
     """Build the module recorded in a training checkpoint and load its prefix strictly."""
     from ptuning_pl.module import check_prefix_state
 
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if "backbone" not in hparams or "prefix" not in hparams:
-        raise ExportError(f"{ckpt_path} has no ptuning-pl hyperparameters: was it written by ptuning_pl.train?")
+    hparams = checkpoint_hparams(checkpoint, ckpt_path)
     backbone = dict(hparams["backbone"])
     if model_path:
         backbone["path"] = model_path

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ptuning_pl.backbones import load_tokenizer_and_format
-from ptuning_pl.export import ExportError, module_from_export, read_export
+from ptuning_pl.export import ExportError, checkpoint_hparams, module_from_export, read_export
 from ptuning_pl.inference import resolve_export_dir
 from ptuning_pl.config import ConfigError, config_dir, missing_keys
 from ptuning_pl.module import PrefixTuningModule
@@ -32,19 +32,8 @@ from ptuning_pl.versions import check_transformers_version
 log = logging.getLogger("ptuning_pl.predict")
 
 
-def read_checkpoint_hparams(ckpt_path: str) -> dict[str, Any]:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError([f"ckpt_path={ckpt_path} is not a file: give a .ckpt written by ptuning_pl.train"])
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = checkpoint.get("hyper_parameters")
-    if not hparams or "backbone" not in hparams or "prefix" not in hparams:
-        raise ConfigError([f"{ckpt_path} has no ptuning-pl hyperparameters: was it written by ptuning_pl.train?"])
-    return dict(hparams)
-
-
 def evaluation_settings(cfg: DictConfig, recorded: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's evaluation settings, overridden by every value set in cfg.evaluation and cfg.data."""
+    """Return the recorded evaluation settings, overridden by every value set in cfg.evaluation and cfg.data."""
     settings = dict(recorded)
     for key, value in OmegaConf.to_container(cfg.evaluation, resolve=True).items():
         if value is not None:
@@ -99,7 +88,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         )
         ckpt_path = None
     else:
-        hparams = read_checkpoint_hparams(cfg.ckpt_path)
+        checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
+        hparams = checkpoint_hparams(checkpoint, cfg.ckpt_path)
         evaluation = evaluation_settings(cfg, hparams.get("evaluation") or {})
         backbone = {**hparams["backbone"], **backbone_overrides}
         module = PrefixTuningModule(backbone=backbone, prefix=hparams["prefix"], optim=hparams["optim"], evaluation=evaluation)

@@ -21,6 +21,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
+from ptuning_pl.files import make_user_readable
+
 log = logging.getLogger(__name__)
 
 GMASK, SOP, EOS = "[gMASK]", "<sop>", "<|endoftext|>"
@@ -118,10 +120,7 @@ def write_tiny_backbone(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        # mkdtemp creates a private folder; the backbone gets the permissions of any other file the user makes.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+        make_user_readable(staging)
         staging.rename(output_dir)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
