@@ -11,7 +11,7 @@ from conftest import run_cli
 pytestmark = pytest.mark.slow
 
 
-def test_bad_data_file_exits_2_with_line_and_fix(tmp_path):
+def test_bad_data_file_exits_2(tmp_path):
     bad = tmp_path / "train.json"
     bad.write_text('{"content": "类型#裙", "summary": "好看"}\n{"content": 5, "summary": "x"}\n', encoding="utf-8")
     run_dir = tmp_path / "run"

@@ -43,7 +43,8 @@ def test_training_layout_and_labels(chat, tokenizer):
 
     assert encoded.input_ids == [*prompt_ids, *response_ids, tokenizer.eos_token_id]
     assert encoded.labels == [IGNORE_INDEX] * len(prompt_ids) + [*response_ids, tokenizer.eos_token_id]
-    assert not encoded.prompt_truncated and not encoded.response_truncated
+    assert not encoded.prompt_truncated
+    assert not encoded.response_truncated
 
 
 def test_special_token_strings_in_user_text_stay_text(chat, tokenizer):
@@ -82,7 +83,9 @@ def test_history_dropped_before_query(chat, tokenizer):
     trimmed = chat.encode_prompt("当前问题", history, budget)
     text = tokenizer.decode(trimmed.input_ids)
     assert trimmed.prompt_truncated
-    assert "第一轮问题" not in text and "第二轮问题" in text and "当前问题" in text
+    assert "第一轮问题" not in text
+    assert "第二轮问题" in text
+    assert "当前问题" in text
 
 
 def test_template_longer_than_budget_is_an_error(chat):
@@ -156,7 +159,8 @@ def test_sample_data_encodes_with_counts(chat, caplog):
         datamodule.setup("fit")
     stats = datamodule.stats["train"]
     assert stats.examples == 400
-    assert stats.prompts_truncated > 0 and stats.responses_truncated > 0
+    assert stats.prompts_truncated > 0
+    assert stats.responses_truncated > 0
     assert "train: 400 examples" in caplog.text
     batch = next(iter(datamodule.train_dataloader()))
     longest = int(batch["attention_mask"].sum(dim=1).max())
@@ -175,7 +179,7 @@ def test_split_is_seeded_and_disjoint():
     assert sorted(seen) == list(range(400))
 
 
-def test_length_grouped_sampler_covers_each_example_once_and_groups():
+def test_length_grouped_sampler_groups_lengths():
     lengths = [(i * 37) % 101 for i in range(200)]
     sampler = LengthGroupedBatchSampler(lengths, batch_size=8, seed=1, window_batches=5)
     batches = list(sampler)
@@ -213,7 +217,8 @@ def test_length_grouped_sampler_shards_and_skips():
     single.skip_batches(epoch=0, count=len(full))
     single.set_epoch(1)
     epoch_one = list(single)
-    assert len(epoch_one) == len(full) and epoch_one != full
+    assert len(epoch_one) == len(full)
+    assert epoch_one != full
 
 
 def test_eval_sampler_gives_each_example_to_one_rank():

@@ -56,7 +56,8 @@ def test_export_folder_contents(trained):
     assert set(weights) == {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())
     card = (export / "README.md").read_text(encoding="utf-8")
-    assert str(run_dir / "backbone") in card and "test/rouge-l" in card
+    assert str(run_dir / "backbone") in card
+    assert "test/rouge-l" in card
     assert json.loads((export / "metrics.json").read_text())["test/rouge-l"] == metrics["test/rouge-l"]
 
 
@@ -137,7 +138,8 @@ def test_other_backbone_rejected(trained, tmp_path):
     other = write_tiny_backbone(tmp_path / "other", ["类型#裙 很好看"] * 5, vocab_size=300, num_layers=3)
     with pytest.raises(ExportError) as caught:
         module_from_export(run_dir / "export", backbone_overrides={"path": str(other)})
-    assert "'num_layers': 2" in str(caught.value) and "'num_layers': 3" in str(caught.value)
+    assert "'num_layers': 2" in str(caught.value)
+    assert "'num_layers': 3" in str(caught.value)
 
 
 def test_format_version_checked(trained, tmp_path):

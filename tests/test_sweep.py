@@ -79,7 +79,8 @@ def test_failing_point_reported_and_others_run(tmp_path):
     assert "NonFiniteLossError" in records[0]["error"]
     # The traceback went into the failed point's own log file.
     log_text = (Path(records[0]["run_dir"]) / "adgen_tiny.log").read_text(encoding="utf-8")
-    assert "Traceback" in log_text and "NonFiniteLossError" in log_text
+    assert "Traceback" in log_text
+    assert "NonFiniteLossError" in log_text
     assert "failed: NonFiniteLossError" in (sweep_dir / "summary.md").read_text()
 
 

@@ -35,7 +35,8 @@ def test_tiny_run_writes_outputs_and_loss_falls(make_config, tmp_path):
 
     record = json.loads((run_dir / "run_record.json").read_text())
     assert record["config"]["model"]["prefix"]["pre_seq_len"] == 16
-    assert "torch" in record["packages"] and "lightning" in record["packages"]
+    assert "torch" in record["packages"]
+    assert "lightning" in record["packages"]
     assert record["git"] is None or len(record["git"]["commit"]) == 40
 
     validation = read_losses(run_dir, "val/loss")

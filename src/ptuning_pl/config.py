@@ -13,7 +13,7 @@ from ptuning_pl.backbones import DTYPES, FAMILIES
 
 
 def config_dir() -> Path:
-    """The `conf/` tree: inside the installed package (wheel), else at the top of the source checkout."""
+    """Return the `conf/` tree: inside the installed package (wheel), else at the top of the source checkout."""
     packaged = Path(__file__).resolve().parent / "conf"
     if packaged.is_dir():
         return packaged
@@ -56,7 +56,12 @@ def missing_keys(cfg: DictConfig) -> list[str]:
     found: list[str] = []
 
     def walk(node, prefix: str) -> None:
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)
+        else:
+            return
         for key, value in items:
             dotted = f"{prefix}{key}"
             if value == "???":

@@ -210,7 +210,7 @@ class AdgenDataModule(pl.LightningDataModule):
         return records
 
     def texts_for_tokenizer(self) -> list[str]:
-        """Every prompt, response and history text of the training split (to train a tiny tokenizer)."""
+        """Return every prompt, response and history text of the training split (to train a tiny tokenizer)."""
         texts: list[str] = []
         for record in self.load_records().get("train", []):
             texts.append(record.prompt)
@@ -292,7 +292,7 @@ class AdgenDataModule(pl.LightningDataModule):
         return item
 
     def _encode_eval_messages(self, record: Record, stats: EncodingStats) -> dict[str, Any]:
-        """A conversation is evaluated on its last assistant message, generated from everything before it."""
+        """Encode a conversation for evaluation of its last assistant message, generated from what precedes it."""
         conversation = self._conversation(record)
         last_assistant = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
         context = conversation if last_assistant is None else conversation[:last_assistant]

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_export_dir(export_dir: str | os.PathLike) -> Path:
-    """A local export folder as it is, or a Hub repo id `owner/name[@revision]` downloaded to the cache."""
+    """Return a local export folder as it is, or download a Hub repo id `owner/name[@revision]` to the cache."""
     text = str(export_dir)
     local = Path(text).expanduser()
     if local.is_dir():

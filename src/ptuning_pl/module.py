@@ -1,7 +1,7 @@
 """The LightningModule: a frozen backbone and a trainable P-Tuning v2 prefix encoder.
 
 One predicate, `is_prefix_key`, defines what trains: it drives freezing, the optimizer's parameter list, the
-checkpoint filter (a checkpoint holds prefix weights only, never a backbone weight) and the logged counts.
+checkpoint filter (a checkpoint contains prefix weights only, never a backbone weight) and the logged counts.
 
 The module is usable without Hydra: build it from plain dictionaries, call `configure_model()` (the Trainer
 does it for you), and use `prefix_kv()` / `backbone`.
@@ -202,7 +202,7 @@ class PrefixTuningModule(pl.LightningModule):
 
     # -------------------------------------------------------------------------------------------- forward
     def prefix_kv(self, batch_size: int):
-        """The prefix keys and values for `batch_size` sequences, or None without a prefix."""
+        """Return the prefix keys and values for `batch_size` sequences, or None without a prefix."""
         if self.prefix_encoder is None:
             return None
         return self.prefix_encoder(batch_size, dtype=self.backbone.compute_dtype)
@@ -265,7 +265,7 @@ class PrefixTuningModule(pl.LightningModule):
         )
 
     def reference_for_scoring(self, response: str) -> str:
-        """The raw response, or with the "reference" preset the response as the reference scripts score it."""
+        """Return the raw response, or with the "reference" preset the response as the reference scripts score it."""
         if self.evaluation.preset != "reference":
             return response
         ids = self.prompt_format.encode_text(response)[: self.evaluation.max_target_length]

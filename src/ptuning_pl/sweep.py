@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def point_record(config: DictConfig, job_return: JobReturn) -> dict[str, Any]:
-    """One row of the summary for a finished sweep point."""
+    """Build the summary row of a finished sweep point."""
     metric_name = config.get("optimized_metric")
     record: dict[str, Any] = {
         "job": int(job_return.hydra_cfg.hydra.job.num) if job_return.hydra_cfg else None,
@@ -66,7 +66,7 @@ def write_summary(sweep_dir: Path, records: list[dict[str, Any]]) -> None:
 
 
 def swept_overrides(records: list[dict[str, Any]]) -> list[list[str]]:
-    """Each point's overrides restricted to the keys whose value differs between points (all if none do)."""
+    """Return each point's overrides restricted to the keys whose value differs between points (all if none do)."""
     values: dict[str, set[str]] = {}
     for record in records:
         for override in record["overrides"]:
@@ -92,7 +92,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
 
 
 def summary_plot(records: list[dict[str, Any]]) -> str:
-    """An SVG bar chart of the metric per point (failed points drawn as an empty frame)."""
+    """Draw an SVG bar chart of the metric per point (failed points as an empty frame)."""
     width, bar_height, gap, label_width = 760, 22, 8, 360
     height = 40 + len(records) * (bar_height + gap)
     values = [record["value"] for record in records if record["value"] is not None]

@@ -297,7 +297,7 @@ def launches_processes(cfg: DictConfig) -> bool:
 def train_in_subprocess(cfg: DictConfig) -> dict[str, float]:
     """Run this sweep point as its own `python -m ptuning_pl.train` in RUN mode, into the point's folder.
 
-    Lightning's DDP launcher starts each rank by re-running the command line; inside a sweep that command line
+    Lightning's DDP launcher starts each rank by re-running the command line. Inside a sweep that command line
     is the whole sweep, so each rank would start the sweep again. A fresh process per point with only this
     point's overrides avoids that, and also isolates every point's global state.
     """

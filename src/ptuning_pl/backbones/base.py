@@ -54,7 +54,7 @@ class Backbone(abc.ABC):
 
     @abc.abstractmethod
     def new_cache(self, prefix: PrefixKV | None, batch_size: int) -> Any:
-        """Return a fresh cache that holds `prefix` (or nothing) for `batch_size` sequences.
+        """Return a fresh cache that contains `prefix` (or nothing) for `batch_size` sequences.
 
         A new cache is built for every forward pass or generation call; caches are never shared.
         """

@@ -386,7 +386,7 @@ class ChatGLM6BTransformer(nn.Module):
 class ChatGLM6BOutput:
     """Logits (batch, seq, vocab) and, on request, the input of every layer plus the final normed state.
 
-    With `compute_logits=False`, `logits` is None and `last_hidden_state` holds the final normed state.
+    With `compute_logits=False`, `logits` is None and `last_hidden_state` contains the final normed state.
     """
 
     logits: torch.Tensor | None
@@ -404,7 +404,7 @@ class ChatGLM6BForCausalLM(nn.Module):
         self.gradient_checkpointing = False
 
     def output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The tied LM head: logits from final normed hidden states."""
+        """Apply the tied LM head to final normed hidden states."""
         return F.linear(hidden_states, self.transformer.word_embeddings.weight)
 
     def new_cache(
